@@ -1,0 +1,138 @@
+"""gRPC edge of the node agent: kvfleet.v1.NodeAgent."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+import grpc
+from prometheus_client import Counter
+
+from kvfleet.node_agent.engine import Engine, EngineError, EngineRequest
+from kvfleet.node_agent.state import StatePublisher, Update
+from kvfleet.v1 import common_pb2 as cpb
+from kvfleet.v1 import node_pb2 as pb
+from kvfleet.v1 import node_pb2_grpc as pbg
+
+log = logging.getLogger(__name__)
+
+NODE_REQUESTS = Counter("kvfleet_node_requests_total", "Generate calls by outcome", ["model", "outcome"])
+FINISH = {"length": cpb.FINISH_REASON_LENGTH, "stop": cpb.FINISH_REASON_STOP, "abort": cpb.FINISH_REASON_ABORT}
+# vLLM's priority scheduling: lower values run first.
+TIER_PRIORITY = {cpb.TIER_PRIORITY: 0, cpb.TIER_AUTO: 1, cpb.TIER_DEFAULT: 1, cpb.TIER_FLEX: 2, cpb.TIER_BATCH: 3}
+
+
+def model_info_pb(engine: Engine) -> cpb.ModelInfo:
+    i = engine.info
+    return cpb.ModelInfo(
+        name=i.name, block_size=i.block_size, num_blocks=i.num_blocks, max_model_len=i.max_model_len,
+        prefill_tokens_per_s=i.prefill_tokens_per_s, decode_tokens_per_s=i.decode_tokens_per_s,
+        tokenizer_digest=engine.tokenizer_files().digest,
+        cache_tracking=cpb.CACHE_TRACKING_EXACT if i.exact_cache_tracking else cpb.CACHE_TRACKING_APPROXIMATE,
+        engine=i.engine,
+    )
+
+
+def update_to_pb(u: Update, block_sizes: dict[str, int]) -> pb.StateUpdate:
+    def blocks(d: dict[str, list[int]]) -> list[pb.ModelBlocks]:
+        return [pb.ModelBlocks(model=m, block_size=block_sizes[m], block_hashes=h) for m, h in d.items()]
+
+    return pb.StateUpdate(
+        seq=u.seq, snapshot=u.snapshot, stored=blocks(u.stored), removed=blocks(u.removed),
+        cleared_models=u.cleared, ready=u.ready, accepted_request_ids=u.accepted,
+        load=cpb.LoadSignals(
+            running=u.load.running, waiting=u.load.waiting, kv_usage=u.load.kv_usage,
+            queued_prefill_tokens=u.load.queued_prefill_tokens, cached_blocks=u.cached_blocks, inflight=u.inflight,
+        ),
+    )
+
+
+class NodeAgentService(pbg.NodeAgentServicer):
+    def __init__(self, node_id_fn, engines: dict[str, Engine], publisher: StatePublisher) -> None:
+        self._node_id = node_id_fn
+        self.engines = engines
+        self.publisher = publisher
+        self.inflight = 0
+        self._block_sizes = {m: e.info.block_size for m, e in engines.items()}
+
+    async def Generate(self, request: pb.NodeGenerateRequest, context: grpc.aio.ServicerContext):
+        engine = self.engines.get(request.model)
+        if engine is None:
+            await context.abort(grpc.StatusCode.NOT_FOUND, f"model {request.model!r} is not served by this node")
+        if not engine.ready:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, f"engine for {request.model!r} is not ready")
+        s = request.sampling
+        ereq = EngineRequest(
+            request_id=request.request_id, prompt_token_ids=list(request.prompt_token_ids),
+            max_tokens=s.max_tokens, temperature=s.temperature if s.HasField("temperature") else 1.0,
+            top_p=s.top_p if s.HasField("top_p") else 1.0, seed=s.seed if s.HasField("seed") else None,
+            stop_token_ids=list(s.stop_token_ids), priority=TIER_PRIORITY.get(request.tier, 1),
+        )
+        self.inflight += 1
+        self.publisher.poke()
+        outputs = engine.generate(ereq)
+        first = asyncio.ensure_future(outputs.__anext__())
+        await asyncio.sleep(0)  # let the engine admit the request before announcing it
+        self.publisher.on_accepted(request.request_id)
+        prompt_tokens = len(ereq.prompt_token_ids)
+        cached = 0
+        completion = 0
+        outcome = "cancelled"
+        try:
+            try:
+                out = await first
+            except EngineError as exc:
+                outcome = "invalid"
+                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+            while True:
+                if out.num_cached_tokens is not None:
+                    cached = out.num_cached_tokens
+                if out.new_token_ids:
+                    completion += len(out.new_token_ids)
+                    yield pb.NodeGenerateResponse(tokens=cpb.TokenIds(ids=out.new_token_ids))
+                if out.finished:
+                    outcome = "ok"
+                    yield pb.NodeGenerateResponse(final=pb.NodeFinal(
+                        prompt_tokens=prompt_tokens, cached_prompt_tokens=cached, completion_tokens=completion,
+                        finish_reason=FINISH.get(out.finish_reason or "length", cpb.FINISH_REASON_LENGTH),
+                    ))
+                    return
+                try:
+                    out = await outputs.__anext__()
+                except StopAsyncIteration:
+                    outcome = "error"
+                    await context.abort(grpc.StatusCode.INTERNAL, "engine stream ended without a final output")
+        finally:
+            if not first.done():
+                first.cancel()
+            await outputs.aclose()  # aborts the engine request if it is still running
+            self.inflight -= 1
+            NODE_REQUESTS.labels(request.model, outcome).inc()
+            self.publisher.poke()
+
+    async def GetInfo(self, request, context) -> pb.NodeInfoResponse:
+        loads = [e.load() for e in self.engines.values()]
+        return pb.NodeInfoResponse(
+            node_id=self._node_id(), models=[model_info_pb(e) for e in self.engines.values()],
+            ready=all(e.ready for e in self.engines.values()),
+            load=cpb.LoadSignals(
+                running=sum(l.running for l in loads), waiting=sum(l.waiting for l in loads),
+                kv_usage=max((l.kv_usage for l in loads), default=0.0),
+                queued_prefill_tokens=sum(l.queued_prefill_tokens for l in loads),
+                cached_blocks=sum(len(t) for t in self.publisher.trackers.values()), inflight=self.inflight,
+            ),
+        )
+
+    async def GetTokenizer(self, request: pb.GetTokenizerRequest, context) -> pb.TokenizerResponse:
+        engine = self.engines.get(request.model)
+        if engine is None:
+            await context.abort(grpc.StatusCode.NOT_FOUND, f"model {request.model!r} is not served by this node")
+        f = engine.tokenizer_files()
+        return pb.TokenizerResponse(
+            tokenizer_json=f.tokenizer_json, digest=f.digest, chat_template=f.chat_template,
+            eos_token_ids=f.eos_token_ids, bos_token=f.bos_token, eos_token=f.eos_token,
+        )
+
+    async def WatchState(self, request, context):
+        async for update in self.publisher.subscribe():
+            yield update_to_pb(update, self._block_sizes)
