@@ -1,0 +1,144 @@
+"""Long-running processes: `controller run`, `router run`, `node join`."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import typer
+
+from kvfleet.cli.common import ControllerOpt, fail, run_until_signal
+
+controller_app = typer.Typer(help="Run the controller (node registry, leases, admin API) and, by default, a router.", no_args_is_help=True)
+router_app = typer.Typer(help="Run a standalone router (the Inference endpoint).", no_args_is_help=True)
+node_app = typer.Typer(help="Run a node agent on this machine.", no_args_is_help=True)
+
+EtcdOpt = typer.Option("127.0.0.1:2379", "--etcd", envvar="KVFLEET_ETCD", help="etcd endpoints, comma-separated host:port (an http:// prefix is accepted)")
+PrefixOpt = typer.Option("/kvfleet", "--prefix", envvar="KVFLEET_PREFIX", help="registry key prefix in etcd")
+
+
+def _endpoints(value: str) -> list[str]:
+    eps = [e.strip().removeprefix("http://").removeprefix("https://") for e in value.split(",") if e.strip()]
+    if not eps or any(":" not in e for e in eps):
+        raise typer.BadParameter(f"expected host:port[,host:port...], got {value!r}", param_hint="--etcd")
+    return eps
+
+
+def _check_addr(value: str, flag: str) -> str:
+    host, sep, port = value.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 <= int(port) < 65536:
+        raise typer.BadParameter(f"expected host:port, got {value!r}", param_hint=flag)
+    return value
+
+
+def _logging(verbose: bool) -> None:
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+
+@controller_app.command("run")
+def controller_run(
+    etcd: str = EtcdOpt,
+    prefix: str = PrefixOpt,
+    listen: str = typer.Option("127.0.0.1:50050", "--listen", envvar="KVFLEET_CONTROLLER_LISTEN", help="address the Controller server binds"),
+    advertise: str = typer.Option("", "--advertise", envvar="KVFLEET_CONTROLLER_ADVERTISE", help="address nodes dial (default: --listen)"),
+    lease_ttl: int = typer.Option(5, "--lease-ttl", min=1, envvar="KVFLEET_LEASE_TTL", help="seconds without heartbeats before a node leaves routing"),
+    router: bool = typer.Option(True, "--router/--no-router", help="also run a router in this process"),
+    router_listen: str = typer.Option("127.0.0.1:50051", "--router-listen", envvar="KVFLEET_ROUTER_LISTEN", help="address the in-process router binds"),
+    policy: str = typer.Option("kvfleet", "--policy", envvar="KVFLEET_POLICY", help="routing policy"),
+    first_token_timeout: float = typer.Option(5.0, "--first-token-timeout", min=0.1, envvar="KVFLEET_FIRST_TOKEN_TIMEOUT", help="seconds beyond the estimated TTFT before retrying on another node"),
+    metrics_listen: str = typer.Option("", "--metrics-listen", envvar="KVFLEET_METRICS_LISTEN", help="host:port for Prometheus /metrics (empty: off)"),
+    verbose: bool = typer.Option(False, "--verbose", "-v"),
+) -> None:
+    """Serve the Controller API against any etcd."""
+    from kvfleet.controller.process import ControllerConfig, RouterConfig, run_controller
+
+    _logging(verbose)
+    if router:
+        from kvfleet.controller.router.policy import POLICIES
+    if router and policy not in POLICIES:
+        raise typer.BadParameter(f"unknown policy {policy!r}; choose from {', '.join(POLICIES)}", param_hint="--policy")
+    eps = _endpoints(etcd)
+    cfg = ControllerConfig(
+        etcd=eps, prefix=prefix, listen=_check_addr(listen, "--listen"), advertise=advertise,
+        lease_ttl_s=lease_ttl, metrics_listen=metrics_listen,
+        router=RouterConfig(etcd=eps, prefix=prefix, listen=_check_addr(router_listen, "--router-listen"),
+                            policy=policy, first_token_timeout_s=first_token_timeout) if router else None,
+    )
+    try:
+        run_until_signal(lambda stop: run_controller(cfg, stop))
+    except (OSError, ConnectionError) as exc:
+        fail(str(exc))
+
+
+@router_app.command("run")
+def router_run(
+    etcd: str = EtcdOpt,
+    prefix: str = PrefixOpt,
+    listen: str = typer.Option("127.0.0.1:50051", "--listen", envvar="KVFLEET_ROUTER_LISTEN", help="address the Inference server binds"),
+    policy: str = typer.Option("kvfleet", "--policy", envvar="KVFLEET_POLICY", help="routing policy"),
+    first_token_timeout: float = typer.Option(5.0, "--first-token-timeout", min=0.1, envvar="KVFLEET_FIRST_TOKEN_TIMEOUT", help="seconds beyond the estimated TTFT before retrying on another node"),
+    metrics_listen: str = typer.Option("", "--metrics-listen", envvar="KVFLEET_METRICS_LISTEN", help="host:port for Prometheus /metrics (empty: off)"),
+    verbose: bool = typer.Option(False, "--verbose", "-v"),
+) -> None:
+    """Serve the Inference API, watching the registry in etcd."""
+    from kvfleet.controller.process import RouterConfig, run_router
+    from kvfleet.controller.router.policy import POLICIES
+
+    _logging(verbose)
+    if policy not in POLICIES:
+        raise typer.BadParameter(f"unknown policy {policy!r}; choose from {', '.join(POLICIES)}", param_hint="--policy")
+    cfg = RouterConfig(etcd=_endpoints(etcd), prefix=prefix, listen=_check_addr(listen, "--listen"), policy=policy,
+                       first_token_timeout_s=first_token_timeout, metrics_listen=metrics_listen)
+    try:
+        run_until_signal(lambda stop: run_router(cfg, stop))
+    except (OSError, ConnectionError) as exc:
+        fail(str(exc))
+
+
+@node_app.command("join")
+def node_join(
+    controller: str = ControllerOpt,
+    token: str = typer.Option("", "--token", envvar="KVFLEET_JOIN_TOKEN", help="join token (first join; later starts use the stored credential)"),
+    engine: str = typer.Option("sim", "--engine", help="engine kind: sim"),
+    model: str = typer.Option("kvfleet-sim", "--model", help="model name to serve"),
+    listen: str = typer.Option("127.0.0.1:0", "--listen", envvar="KVFLEET_NODE_LISTEN", help="address the NodeAgent server binds (port 0: any)"),
+    advertise: str = typer.Option("", "--advertise", envvar="KVFLEET_NODE_ADVERTISE", help="address routers dial (default: the bound --listen address)"),
+    data_dir: Path = typer.Option(Path.home() / ".local/share/kvfleet/node", "--data-dir", envvar="KVFLEET_NODE_DATA_DIR", help="where the node keeps its identity"),
+    sim_blocks: int = typer.Option(4096, "--sim-blocks", min=1, help="sim: KV capacity in blocks"),
+    sim_block_size: int = typer.Option(16, "--sim-block-size", min=1, max=4096, help="sim: tokens per block"),
+    sim_prefill_tps: float = typer.Option(8000.0, "--sim-prefill-tps", min=1.0, help="sim: prefill tokens per second"),
+    sim_decode_step_ms: float = typer.Option(10.0, "--sim-decode-step-ms", min=0.01, help="sim: base decode step time in ms"),
+    sim_max_model_len: int = typer.Option(8192, "--sim-max-model-len", min=2, help="sim: context length in tokens"),
+    verbose: bool = typer.Option(False, "--verbose", "-v"),
+) -> None:
+    """Start a node agent and join it to the fleet."""
+    from kvfleet.node_agent.agent import AgentConfig, JoinError, serve
+    from kvfleet.node_agent.engine import EngineError
+
+    _logging(verbose)
+    _check_addr(controller, "--controller")
+    _check_addr(listen, "--listen")
+    if engine != "sim":
+        raise typer.BadParameter(f"unknown engine {engine!r}; available: sim", param_hint="--engine")
+    from kvfleet.node_agent.engines.sim import SimEngine
+    from kvfleet.node_agent.engines.sim_core import SimConfig
+
+    import pydantic
+
+    flags = {"block_size": "--sim-block-size", "num_blocks": "--sim-blocks", "max_model_len": "--sim-max-model-len",
+             "prefill_tokens_per_s": "--sim-prefill-tps", "decode_step_base_s": "--sim-decode-step-ms", "model": "--model"}
+    try:
+        sim = SimEngine(SimConfig(
+            model=model, block_size=sim_block_size, num_blocks=sim_blocks, max_model_len=sim_max_model_len,
+            prefill_tokens_per_s=sim_prefill_tps, decode_step_base_s=sim_decode_step_ms / 1000.0,
+        ))
+    except pydantic.ValidationError as exc:
+        first = exc.errors()[0]
+        names = [flags.get(str(f), str(f)) for f in first.get("loc", ())] or ["--sim-blocks", "--sim-max-model-len"]
+        fail(f"{'/'.join(names)}: {first['msg']}")
+    cfg = AgentConfig(controller=controller, token=token, listen=listen, advertise=advertise, data_dir=data_dir)
+    try:
+        run_until_signal(lambda stop: serve(cfg, [sim], stop))
+    except (JoinError, EngineError, OSError) as exc:
+        fail(str(exc))
