@@ -215,14 +215,14 @@ class Registry:
     # -- watching ------------------------------------------------------------------------------
     async def snapshot_and_watch(self) -> tuple[list[RegistryEvent], int, AsyncIterator[RegistryEvent]]:
         """Current nodes, admin states and summaries, plus a watch from just after them."""
-        start = self._key("")
+        start = f"{self.prefix}/".encode()
         resp = await self.client.kv.get(start, prefix_range_end(start))
         events = [e for kv in resp.kvs if (e := self._decode(kv.key, kv.value)) is not None]
         revision = resp.header.revision
         return events, revision, self._watch(revision + 1)
 
     async def _watch(self, start_revision: int) -> AsyncIterator[RegistryEvent]:
-        start = self._key("")
+        start = f"{self.prefix}/".encode()
         async for resp in self.client.watch.watch(start, prefix_range_end(start), start_revision=start_revision):
             for ev in resp.events:
                 value = ev.kv.value if ev.type == 0 else None  # 0 = PUT, 1 = DELETE
@@ -236,6 +236,7 @@ class Registry:
         model = {"nodes": NodeEntry, "admin": AdminEntry, "summary": CacheSummaries}.get(kind)
         if model is None or not node_id:
             return None
+        kind = {"nodes": "node"}.get(kind, kind)
         try:
             parsed = model.model_validate_json(value) if value is not None else None
         except pydantic.ValidationError as exc:

@@ -1,0 +1,258 @@
+"""The router's live view of the fleet: registry watch plus one WatchState stream per node.
+
+State flows one way: node agent -> WatchState stream -> (PrefixIndex, NodeConn.load) ->
+NodeView -> policy. This module is the adapter that keeps that view current; it makes
+no routing decisions.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+from dataclasses import dataclass, field
+
+import grpc
+import numpy as np
+
+from kvfleet.controller.registry import AdminEntry, ModelEntry, NodeEntry, Registry
+from kvfleet.controller.router.index import FleetIndex
+from kvfleet.controller.router.policy import NodeView
+from kvfleet.v1 import node_pb2 as npb
+from kvfleet.v1 import node_pb2_grpc as npbg
+
+log = logging.getLogger(__name__)
+
+CHANNEL_OPTIONS = [
+    ("grpc.keepalive_time_ms", 10_000),
+    ("grpc.keepalive_timeout_ms", 5_000),
+    ("grpc.max_receive_message_length", 256 * 1024 * 1024),
+]
+
+
+@dataclass(slots=True)
+class NodeConn:
+    """One node as this router sees it."""
+
+    entry: NodeEntry
+    admin: str = ""
+    channel: grpc.aio.Channel | None = None
+    stub: npbg.NodeAgentStub | None = None
+    connected: bool = False        # WatchState stream open and snapshot applied
+    ready: bool = False            # node says its engine takes requests
+    suspect: bool = False          # missed a first-token deadline; cleared by the next state update
+    running: int = 0
+    waiting: int = 0
+    kv_usage: float = 0.0
+    queued_prefill_tokens: int = 0
+    cached_blocks: int = 0
+    last_seq: int = 0
+    pending: dict[str, int] = field(default_factory=dict)  # request id -> uncached tokens sent, not yet visible
+    pending_tokens: int = 0
+    task: asyncio.Task | None = None
+
+    @property
+    def routable(self) -> bool:
+        return self.connected and self.ready and not self.suspect and self.admin == ""
+
+    @property
+    def models(self) -> dict[str, ModelEntry]:
+        return {m.name: m for m in self.entry.models}
+
+    def state_name(self) -> str:
+        if self.admin:
+            return self.admin
+        if not self.connected:
+            return "unreachable"
+        if self.suspect:
+            return "suspect"
+        return "ready" if self.ready else "not_ready"
+
+
+class Fleet:
+    """Keeps ``nodes`` and ``index`` current. Call ``run()`` as a task."""
+
+    def __init__(self, registry: Registry | None, index: FleetIndex | None = None) -> None:
+        self.registry = registry
+        self.index = index or FleetIndex()
+        self.nodes: dict[str, NodeConn] = {}
+        self.synced = asyncio.Event()   # registry snapshot applied
+        self.changed = asyncio.Event()  # any node became routable (wakes waiters)
+        self._admin_cache: dict[str, AdminEntry] = {}
+
+    # -- registry ------------------------------------------------------------------------------
+    async def run(self) -> None:
+        assert self.registry is not None
+        while True:
+            try:
+                events, _, watch = await self.registry.snapshot_and_watch()
+                admin: dict[str, AdminEntry] = {}
+                seen: set[str] = set()
+                for ev in events:
+                    if ev.kind == "node":
+                        seen.add(ev.node_id)
+                        self._upsert(ev.value)  # type: ignore[arg-type]
+                    elif ev.kind == "admin":
+                        admin[ev.node_id] = ev.value  # type: ignore[assignment]
+                for node_id in list(self.nodes):
+                    if node_id not in seen:
+                        self._remove(node_id)
+                for node_id, entry in admin.items():
+                    self._set_admin(node_id, entry.state)
+                self._admin_cache = dict(admin)
+                self.synced.set()
+                async for ev in watch:
+                    if ev.kind == "node":
+                        if ev.value is None:
+                            self._remove(ev.node_id)
+                        else:
+                            self._upsert(ev.value)  # type: ignore[arg-type]
+                            self._set_admin(ev.node_id, self._admin_cache.get(ev.node_id, AdminEntry()).state)
+                    elif ev.kind == "admin":
+                        entry = ev.value or AdminEntry()
+                        self._admin_cache[ev.node_id] = entry  # type: ignore[assignment]
+                        self._set_admin(ev.node_id, entry.state)  # type: ignore[union-attr]
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # etcd hiccup: re-list and re-watch
+                log.warning("registry watch failed (%s); re-listing in 1 s", exc)
+                await asyncio.sleep(1.0)
+
+    def _set_admin(self, node_id: str, state: str) -> None:
+        conn = self.nodes.get(node_id)
+        if conn is not None:
+            conn.admin = state
+
+    def _upsert(self, entry: NodeEntry) -> None:
+        conn = self.nodes.get(entry.node_id)
+        if conn is not None and conn.entry.address == entry.address and conn.entry.models == entry.models:
+            conn.entry = entry
+            return
+        if conn is not None:
+            self._remove(entry.node_id)
+        conn = NodeConn(entry=entry)
+        conn.channel = grpc.aio.insecure_channel(entry.address, options=CHANNEL_OPTIONS)
+        conn.stub = npbg.NodeAgentStub(conn.channel)
+        self.nodes[entry.node_id] = conn
+        for m in entry.models:
+            self.index.get_or_create(m.name, m.block_size).add_node(entry.node_id)
+        conn.task = asyncio.create_task(self._watch_node(conn), name=f"watch-{entry.node_id}")
+        log.info("router: node %s at %s", entry.node_id, entry.address)
+
+    def _remove(self, node_id: str) -> None:
+        conn = self.nodes.pop(node_id, None)
+        if conn is None:
+            return
+        if conn.task is not None:
+            conn.task.cancel()
+        if conn.channel is not None:
+            asyncio.create_task(conn.channel.close())
+        self.index.remove_node(node_id)
+        log.info("router: node %s left", node_id)
+
+    # -- per-node state stream -------------------------------------------------------------------
+    async def _watch_node(self, conn: NodeConn) -> None:
+        backoff = 0.1
+        while True:
+            try:
+                stream = conn.stub.WatchState(npb.WatchStateRequest())  # type: ignore[union-attr]
+                async for update in stream:
+                    self.apply_update(conn, update)
+                    backoff = 0.1
+                raise ConnectionError("state stream ended")
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                if conn.connected:
+                    log.warning("router: lost state stream of %s: %s", conn.entry.node_id, exc)
+                self._disconnect(conn)
+                await asyncio.sleep(backoff * (0.5 + random.random()))
+                backoff = min(backoff * 2, 2.0)
+
+    def _disconnect(self, conn: NodeConn) -> None:
+        """The node's cache can no longer be tracked: take it out of routing and the index."""
+        conn.connected = False
+        for m in conn.entry.models:
+            idx = self.index.get(m.name, m.block_size)
+            slot = idx.slot_of(conn.entry.node_id) if idx is not None else None
+            if slot is not None:
+                idx.clear(slot)
+
+    def apply_update(self, conn: NodeConn, update: npb.StateUpdate) -> None:
+        node_id = conn.entry.node_id
+        if update.snapshot:
+            for m in conn.entry.models:
+                idx = self.index.get(m.name, m.block_size)
+                if idx is not None and (slot := idx.slot_of(node_id)) is not None:
+                    idx.clear(slot)
+        elif update.seq != conn.last_seq + 1:
+            log.warning("router: state seq gap on %s (%d -> %d); resubscribing", node_id, conn.last_seq, update.seq)
+            raise ConnectionError("sequence gap")
+        conn.last_seq = update.seq
+        for name in update.cleared_models:
+            self._blocks(conn, name, lambda idx, slot, _: idx.clear(slot), None)
+        for mb in update.removed:
+            self._blocks(conn, mb.model, lambda idx, slot, h: idx.remove(slot, h), mb)
+        for mb in update.stored:
+            self._blocks(conn, mb.model, lambda idx, slot, h: idx.store(slot, h), mb)
+        for rid in update.accepted_request_ids:
+            conn.pending_tokens -= conn.pending.pop(rid, 0)
+        load = update.load
+        conn.running, conn.waiting, conn.kv_usage = load.running, load.waiting, load.kv_usage
+        conn.queued_prefill_tokens, conn.cached_blocks = load.queued_prefill_tokens, load.cached_blocks
+        was_routable = conn.routable
+        conn.ready, conn.connected, conn.suspect = update.ready, True, False
+        if conn.routable and not was_routable:
+            self.changed.set()
+
+    def _blocks(self, conn: NodeConn, model: str, op, mb) -> None:
+        entry = conn.models.get(model)
+        if entry is None:
+            return
+        idx = self.index.get(model, entry.block_size)
+        slot = idx.slot_of(conn.entry.node_id) if idx is not None else None
+        if slot is None:
+            return
+        hashes = np.fromiter(mb.block_hashes, dtype=np.uint64, count=len(mb.block_hashes)) if mb else None
+        op(idx, slot, hashes)
+
+    # -- what the router's decisions read ----------------------------------------------------------
+    def add_pending(self, node_id: str, request_id: str, tokens: int) -> None:
+        conn = self.nodes.get(node_id)
+        if conn is not None:
+            conn.pending[request_id] = tokens
+            conn.pending_tokens += tokens
+
+    def drop_pending(self, node_id: str, request_id: str) -> None:
+        conn = self.nodes.get(node_id)
+        if conn is not None and request_id in conn.pending:
+            conn.pending_tokens -= conn.pending.pop(request_id)
+
+    def mark_suspect(self, node_id: str) -> None:
+        conn = self.nodes.get(node_id)
+        if conn is not None:
+            conn.suspect = True
+
+    def serving(self, model: str) -> list[NodeConn]:
+        return [c for c in self.nodes.values() if model in c.models]
+
+    def views(self, model: str) -> list[NodeView]:
+        """Frozen views of every node serving ``model``, for the policy."""
+        out = []
+        for c in self.serving(model):
+            m = c.models[model]
+            idx = self.index.get(model, m.block_size)
+            slot = idx.slot_of(c.entry.node_id) if idx is not None else None
+            out.append(NodeView(
+                node_id=c.entry.node_id, address=c.entry.address, routable=c.routable,
+                block_size=m.block_size, num_blocks=m.num_blocks,
+                prefill_tokens_per_s=m.prefill_tokens_per_s, decode_tokens_per_s=m.decode_tokens_per_s,
+                running=c.running, waiting=c.waiting, kv_usage=c.kv_usage,
+                queued_prefill_tokens=c.queued_prefill_tokens + max(c.pending_tokens, 0),
+                cached_blocks=c.cached_blocks, slot=-1 if slot is None else slot,
+            ))
+        return out
+
+    async def close(self) -> None:
+        for node_id in list(self.nodes):
+            self._remove(node_id)

@@ -1,0 +1,341 @@
+"""gRPC edge of the router: kvfleet.v1.Inference.
+
+For each request: validate, tokenise with the model's own tokenizer, hash the prompt's
+blocks, ask the pure policy for ranked candidates, then send token ids to the best node
+and relay its stream. Before the first token reaches the client, a failed or silent
+node costs only a retry on the next candidate.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import uuid
+from dataclasses import dataclass
+
+import grpc
+import numpy as np
+from prometheus_client import Counter, Histogram
+
+from kvfleet.hashing import block_hashes
+from kvfleet.tokenizer import IncrementalDetokenizer, Tokenizer
+from kvfleet.controller.router.fleet import Fleet
+from kvfleet.controller.router.policy import Candidate, RouteRequest, get_policy
+from kvfleet.controller.router.tokenizers import TokenizerCache, TokenizerUnavailable
+from kvfleet.v1 import common_pb2 as cpb
+from kvfleet.v1 import inference_pb2 as pb
+from kvfleet.v1 import inference_pb2_grpc as pbg
+from kvfleet.v1 import node_pb2 as npb
+
+log = logging.getLogger(__name__)
+
+REQUESTS = Counter("kvfleet_router_requests_total", "Requests by outcome", ["model", "outcome"])
+ATTEMPTS = Counter("kvfleet_router_node_attempts_total", "Node attempts by result", ["node", "result"])
+PROMPT_TOKENS = Counter("kvfleet_router_prompt_tokens_total", "Prompt tokens routed", ["model", "node"])
+PREDICTED_CACHED = Counter("kvfleet_router_predicted_cached_tokens_total", "Cached prompt tokens the router predicted", ["model", "node"])
+ACTUAL_CACHED = Counter("kvfleet_router_engine_cached_tokens_total", "Cached prompt tokens the engines reported", ["model", "node"])
+COMPLETION_TOKENS = Counter("kvfleet_router_completion_tokens_total", "Completion tokens relayed", ["model", "node"])
+TTFT = Histogram("kvfleet_router_ttft_seconds", "Time to first token as the router sees it", ["model"],
+                 buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30))
+DECIDE = Histogram("kvfleet_router_decision_seconds", "Tokenise + hash + policy time", ["model"],
+                   buckets=(1e-5, 2.5e-5, 5e-5, 1e-4, 2.5e-4, 5e-4, 1e-3, 2.5e-3, 1e-2))
+
+FINISH = {"length": cpb.FINISH_REASON_LENGTH, "stop": cpb.FINISH_REASON_STOP, "abort": cpb.FINISH_REASON_ABORT}
+RETRYABLE = {
+    grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.INTERNAL,
+    grpc.StatusCode.UNKNOWN, grpc.StatusCode.CANCELLED, grpc.StatusCode.RESOURCE_EXHAUSTED,
+    grpc.StatusCode.ABORTED,
+}
+
+
+class RequestError(Exception):
+    def __init__(self, code: grpc.StatusCode, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+@dataclass(frozen=True, slots=True)
+class Prepared:
+    request_id: str
+    model: str
+    tokens: list[int]
+    tokenizer: Tokenizer
+    max_tokens: int
+    tier: int
+    deadline: float | None       # time.monotonic() seconds
+    tokenize_us: float
+
+
+@dataclass(frozen=True, slots=True)
+class Ranked:
+    candidates: list[Candidate]
+    block_size: dict[str, int]
+    hash_us: float
+    decide_us: float
+
+
+class RouterService(pbg.InferenceServicer):
+    def __init__(
+        self, fleet: Fleet, policy: str = "kvfleet", first_token_timeout_s: float = 5.0, max_attempts: int = 3
+    ) -> None:
+        self.fleet = fleet
+        self.tokenizers = TokenizerCache(fleet)
+        self.policy = get_policy(policy)
+        self.first_token_timeout_s = first_token_timeout_s
+        self.max_attempts = max_attempts
+
+    # -- validation and tokenisation -------------------------------------------------------------
+    async def prepare(self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext) -> Prepared:
+        if not request.model:
+            raise RequestError(grpc.StatusCode.INVALID_ARGUMENT, "model is required")
+        if request.tier == cpb.TIER_BATCH:
+            raise RequestError(grpc.StatusCode.INVALID_ARGUMENT,
+                               "tier batch is only accepted through the Batch API, not interactive Generate")
+        serving = self.fleet.serving(request.model)
+        if not serving:
+            known = sorted({m for c in self.fleet.nodes.values() for m in c.models})
+            raise RequestError(grpc.StatusCode.NOT_FOUND,
+                               f"unknown model {request.model!r}; served models: {', '.join(known) or 'none'}")
+        max_tokens = request.sampling.max_tokens
+        if max_tokens <= 0:
+            raise RequestError(grpc.StatusCode.INVALID_ARGUMENT, "sampling.max_tokens must be > 0")
+        deadline = None
+        if request.HasField("deadline"):
+            remaining = request.deadline.ToMicroseconds() / 1e6 - time.time()
+            if remaining <= 0:
+                raise RequestError(grpc.StatusCode.DEADLINE_EXCEEDED, "deadline already passed")
+            deadline = time.monotonic() + remaining
+        try:
+            tok = await self.tokenizers.get(request.model)
+        except TokenizerUnavailable as exc:
+            raise RequestError(grpc.StatusCode.UNAVAILABLE, str(exc)) from exc
+        t0 = time.perf_counter()
+        kind = request.WhichOneof("prompt")
+        if kind == "text":
+            tokens = tok.encode(request.text)
+        elif kind == "token_ids":
+            tokens = list(request.token_ids.ids)
+            bad = [t for t in tokens if t >= tok.vocab_size]
+            if bad:
+                raise RequestError(grpc.StatusCode.INVALID_ARGUMENT,
+                                   f"token id {bad[0]} is outside the vocabulary (size {tok.vocab_size})")
+        elif kind == "chat":
+            msgs = [{"role": m.role, "content": m.content} for m in request.chat.messages]
+            if not msgs:
+                raise RequestError(grpc.StatusCode.INVALID_ARGUMENT, "chat has no messages")
+            try:
+                tokens = tok.encode_chat(msgs)
+            except Exception as exc:
+                raise RequestError(grpc.StatusCode.INVALID_ARGUMENT, f"chat template failed: {exc}") from exc
+        else:
+            tokens = []
+        tokenize_us = (time.perf_counter() - t0) * 1e6
+        if not tokens:
+            raise RequestError(grpc.StatusCode.INVALID_ARGUMENT, "prompt is empty")
+        max_len = min(c.models[request.model].max_model_len for c in serving)
+        if len(tokens) + max_tokens > max_len:
+            raise RequestError(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"prompt ({len(tokens)} tokens) plus max_tokens ({max_tokens}) exceeds the model's context of {max_len} tokens",
+            )
+        return Prepared(
+            request_id=request.request_id or uuid.uuid4().hex, model=request.model, tokens=tokens, tokenizer=tok,
+            max_tokens=max_tokens, tier=request.tier or cpb.TIER_DEFAULT, deadline=deadline, tokenize_us=tokenize_us,
+        )
+
+    def rank(self, p: Prepared, exclude: set[str] = frozenset()) -> Ranked:  # type: ignore[assignment]
+        """Ranks every node serving the model, eligible first, best first."""
+        views = [v for v in self.fleet.views(p.model) if v.node_id not in exclude]
+        by_bs: dict[int, list] = {}
+        for v in views:
+            by_bs.setdefault(v.block_size, []).append(v)
+        hash_s = decide_s = 0.0
+        out: list[Candidate] = []
+        tokens = np.asarray(p.tokens, dtype=np.uint32)
+        for bs, group in by_bs.items():
+            t0 = time.perf_counter()
+            hashes = block_hashes(tokens, bs)
+            t1 = time.perf_counter()
+            index = self.fleet.index.get_or_create(p.model, bs)
+            out.extend(self.policy.rank(RouteRequest(hashes, len(p.tokens), bs, p.max_tokens), group, index))
+            decide_s += time.perf_counter() - t1
+            hash_s += t1 - t0
+        out.sort(key=lambda c: (not c.eligible, c.cost_s))
+        DECIDE.labels(p.model).observe(hash_s + decide_s + p.tokenize_us / 1e6)
+        return Ranked(out, {v.node_id: v.block_size for v in views}, hash_s * 1e6, decide_s * 1e6)
+
+    # -- Generate ------------------------------------------------------------------------------
+    async def Generate(self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext):
+        try:
+            p = await self.prepare(request, context)
+        except RequestError as exc:
+            REQUESTS.labels(request.model, exc.code.name.lower()).inc()
+            await context.abort(exc.code, str(exc))
+        try:
+            async for msg in self._generate(p, request, context):
+                yield msg
+            REQUESTS.labels(p.model, "ok").inc()
+        except RequestError as exc:
+            REQUESTS.labels(p.model, exc.code.name.lower()).inc()
+            await context.abort(exc.code, str(exc))
+        except asyncio.CancelledError:
+            REQUESTS.labels(p.model, "cancelled").inc()
+            raise
+
+    def _remaining(self, p: Prepared, context: grpc.aio.ServicerContext) -> float | None:
+        rem = context.time_remaining()
+        if p.deadline is not None:
+            own = p.deadline - time.monotonic()
+            rem = own if rem is None else min(rem, own)
+        return rem
+
+    async def _generate(self, p: Prepared, request: pb.GenerateRequest, context):
+        t_start = time.monotonic()
+        tried: set[str] = set()
+        attempts = 0
+        last_error = "no ready node"
+        while attempts < self.max_attempts:
+            ranked = self.rank(p, exclude=tried)
+            eligible = [c for c in ranked.candidates if c.eligible]
+            if not eligible:
+                break
+            cand = eligible[0]
+            attempts += 1
+            tried.add(cand.node_id)
+            conn = self.fleet.nodes.get(cand.node_id)
+            if conn is None or conn.stub is None:
+                continue
+            remaining = self._remaining(p, context)
+            if remaining is not None and remaining <= 0:
+                raise RequestError(grpc.StatusCode.DEADLINE_EXCEEDED, "deadline exceeded before a node answered")
+            node_req = npb.NodeGenerateRequest(
+                request_id=f"{p.request_id}/{attempts}", model=p.model, prompt_token_ids=p.tokens,
+                sampling=request.sampling, tier=p.tier,
+            )
+            self.fleet.add_pending(cand.node_id, node_req.request_id, cand.uncached_tokens)
+            call = conn.stub.Generate(node_req, timeout=remaining)
+            first_timeout = self.first_token_timeout_s + cand.cost_s
+            if remaining is not None:
+                first_timeout = min(first_timeout, remaining)
+            try:
+                try:
+                    first = await asyncio.wait_for(call.read(), timeout=first_timeout)
+                except asyncio.TimeoutError:
+                    call.cancel()
+                    if remaining is not None and first_timeout >= remaining:
+                        raise RequestError(grpc.StatusCode.DEADLINE_EXCEEDED, "deadline exceeded before the first token")
+                    self.fleet.mark_suspect(cand.node_id)
+                    ATTEMPTS.labels(cand.node_id, "first_token_timeout").inc()
+                    last_error = f"{cand.node_id} sent no first token within {first_timeout:.1f} s"
+                    log.warning("router: %s; retrying elsewhere", last_error)
+                    continue
+                except grpc.aio.AioRpcError as exc:
+                    if exc.code() not in RETRYABLE:
+                        raise RequestError(exc.code(), exc.details() or exc.code().name) from exc
+                    if exc.code() == grpc.StatusCode.DEADLINE_EXCEEDED and remaining is not None:
+                        raise RequestError(exc.code(), "deadline exceeded") from exc
+                    ATTEMPTS.labels(cand.node_id, exc.code().name.lower()).inc()
+                    last_error = f"{cand.node_id}: {exc.code().name} {exc.details()}"
+                    log.warning("router: node failed before first token (%s); retrying elsewhere", last_error)
+                    continue
+                if first is grpc.aio.EOF:
+                    last_error = f"{cand.node_id} closed the stream without output"
+                    continue
+                ATTEMPTS.labels(cand.node_id, "ok").inc()
+                TTFT.labels(p.model).observe(time.monotonic() - t_start)
+                async for msg in self._relay(p, request, call, first, cand, attempts):
+                    yield msg
+                return
+            finally:
+                self.fleet.drop_pending(cand.node_id, node_req.request_id)
+                call.cancel()
+        raise RequestError(grpc.StatusCode.UNAVAILABLE,
+                           f"no node could serve {p.model!r} after {attempts} attempt(s): {last_error}")
+
+    async def _relay(self, p: Prepared, request: pb.GenerateRequest, call, first, cand: Candidate, attempts: int):
+        detok = IncrementalDetokenizer(p.tokenizer)
+        stops = list(request.sampling.stop)
+        text_so_far = ""
+        completion = 0
+        msg = first
+        while True:
+            if msg is grpc.aio.EOF:
+                raise RequestError(grpc.StatusCode.UNAVAILABLE, f"{cand.node_id} ended the stream without a final message")
+            kind = msg.WhichOneof("kind")
+            if kind == "tokens":
+                ids = list(msg.tokens.ids)
+                completion += len(ids)
+                delta = detok.push(ids)
+                if stops and delta:
+                    hit = self._find_stop(text_so_far, delta, stops)
+                    if hit is not None:
+                        yield pb.GenerateResponse(chunk=pb.TokenChunk(token_ids=ids, text=delta[:hit]))
+                        call.cancel()
+                        yield self._usage(p, cand, completion, None, "stop", attempts)
+                        return
+                text_so_far += delta
+                yield pb.GenerateResponse(chunk=pb.TokenChunk(token_ids=ids, text=delta))
+            elif kind == "final":
+                tail = detok.flush()
+                if tail:
+                    yield pb.GenerateResponse(chunk=pb.TokenChunk(token_ids=[], text=tail))
+                yield self._usage(p, cand, msg.final.completion_tokens, msg.final,
+                                  {v: k for k, v in FINISH.items()}.get(msg.final.finish_reason, "length"), attempts)
+                return
+            try:
+                msg = await call.read()
+            except grpc.aio.AioRpcError as exc:
+                # Tokens already reached the client: no silent retry (a later issue continues mid-stream).
+                raise RequestError(grpc.StatusCode.UNAVAILABLE,
+                                   f"{cand.node_id} failed mid-stream after {completion} tokens: {exc.code().name}") from exc
+
+    @staticmethod
+    def _find_stop(before: str, delta: str, stops: list[str]) -> int | None:
+        """Index in ``delta`` where the earliest stop string starts, if one completes here."""
+        window = before[-max(len(s) for s in stops):] + delta
+        best = None
+        for s in stops:
+            i = window.find(s)
+            if i >= 0:
+                pos = max(i - (len(window) - len(delta)), 0)
+                best = pos if best is None else min(best, pos)
+        return best
+
+    def _usage(self, p: Prepared, cand: Candidate, completion: int, final, reason: str, attempts: int):
+        cached = final.cached_prompt_tokens if final is not None else 0
+        node = cand.node_id
+        PROMPT_TOKENS.labels(p.model, node).inc(len(p.tokens))
+        PREDICTED_CACHED.labels(p.model, node).inc(cand.cached_tokens)
+        ACTUAL_CACHED.labels(p.model, node).inc(cached)
+        COMPLETION_TOKENS.labels(p.model, node).inc(completion)
+        return pb.GenerateResponse(usage=pb.Usage(
+            prompt_tokens=len(p.tokens), cached_prompt_tokens=cached, completion_tokens=completion,
+            predicted_cached_tokens=cand.cached_tokens, node_id=node, finish_reason=FINISH[reason],
+            request_id=p.request_id, attempts=attempts, tier=p.tier,
+        ))
+
+    # -- ExplainRoute -------------------------------------------------------------------------------
+    async def ExplainRoute(self, request: pb.GenerateRequest, context) -> pb.ExplainRouteResponse:
+        if not request.sampling.max_tokens:
+            request.sampling.max_tokens = 1
+        try:
+            p = await self.prepare(request, context)
+        except RequestError as exc:
+            await context.abort(exc.code, str(exc))
+        ranked = self.rank(p)
+        picked = next((c.node_id for c in ranked.candidates if c.eligible), "")
+        return pb.ExplainRouteResponse(
+            model=p.model, prompt_tokens=len(p.tokens), block_size=next(iter(ranked.block_size.values()), 0),
+            picked_node_id=picked, tokenize_us=p.tokenize_us, hash_us=ranked.hash_us, decide_us=ranked.decide_us,
+            candidates=[
+                pb.CandidateScore(
+                    node_id=c.node_id, address=self.fleet.nodes[c.node_id].entry.address if c.node_id in self.fleet.nodes else "",
+                    predicted_cached_tokens=c.cached_tokens, queued_prefill_tokens=c.queued_prefill_tokens,
+                    running=self.fleet.nodes[c.node_id].running if c.node_id in self.fleet.nodes else 0,
+                    kv_usage=self.fleet.nodes[c.node_id].kv_usage if c.node_id in self.fleet.nodes else 0.0,
+                    estimated_ttft_s=c.cost_s, eligible=c.eligible, reason=c.reason,
+                )
+                for c in ranked.candidates
+            ],
+        )
