@@ -84,8 +84,11 @@ class NodeStatus:
 class Membership:
     """Owns node leases and admin state. One per controller process."""
 
-    def __init__(self, registry: Registry, lease_ttl_s: int = 5, summary_interval_s: float = 10.0) -> None:
+    def __init__(
+        self, registry: Registry, lease_ttl_s: int = 5, summary_interval_s: float = 10.0, heartbeat_interval_ms: int = 1000
+    ) -> None:
         self.registry = registry
+        self.heartbeat_interval_ms = heartbeat_interval_ms
         self.lease_ttl_s = lease_ttl_s
         self.summary_interval_s = summary_interval_s
         self.live: dict[str, LiveNode] = {}
@@ -213,11 +216,15 @@ class Membership:
             await self._advance_drain(node_id)
 
     async def _advance_drain(self, node_id: str) -> None:
-        """draining -> drained once the node reports nothing in flight."""
-        if self.admin.get(node_id, AdminEntry()).state != "draining":
+        """draining -> drained once the node reports nothing in flight, in a heartbeat
+        sent a full heartbeat interval after the drain began (so that it counts every
+        request routers sent before they saw the drain)."""
+        admin = self.admin.get(node_id, AdminEntry())
+        if admin.state != "draining":
             return
         node = self.live.get(node_id)
-        if node is None or not node.load.busy:
+        fresh = node is not None and node.last_heartbeat_ms >= admin.updated_unix_ms + self.heartbeat_interval_ms
+        if node is None or (fresh and not node.load.busy):
             await self.set_admin(node_id, "drained")
             log.info("node %s drained", node_id)
 

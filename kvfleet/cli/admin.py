@@ -128,9 +128,10 @@ def nodes_drain(
     timeout: float = typer.Option(300.0, "--timeout", min=0.0, help="seconds to wait with --wait"),
 ) -> None:
     """No new work; wait for in-flight work to finish; then the node is drained."""
-    n = _admin("Drain", node_id, controller, json_out and not wait)
     if not wait:
+        _admin("Drain", node_id, controller, json_out)
         return
+    n = run_rpc(lambda: _call(controller, "Drain", pb.NodeRef(node_id=node_id)), controller)
     deadline = time.monotonic() + timeout
     while n.state != cpb.NODE_STATE_DRAINED:
         if time.monotonic() > deadline:

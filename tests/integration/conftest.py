@@ -144,6 +144,9 @@ class Cluster:
         req.sampling.max_tokens = 1
         return self.inf().ExplainRoute(req, timeout=10)
 
+    def live_nodes(self) -> list[str]:
+        return sorted(n for n, p in self.nodes.items() if p.alive())
+
     def routable(self, node_id: str) -> bool:
         try:
             return any(c.node_id == node_id and c.eligible for c in self.explain("x").candidates)

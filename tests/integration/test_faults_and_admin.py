@@ -100,7 +100,7 @@ def test_cancelling_a_generate_frees_the_node_at_once(fleet):
     call = fleet.inf().Generate(req, timeout=60)
     first = next(call)
     assert first.HasField("chunk")
-    busy = [n for n in fleet.nodes if fleet.node_info(n).load.running > 0]
+    busy = [n for n in fleet.live_nodes() if fleet.node_info(n).load.running > 0]
     assert len(busy) == 1
     call.cancel()
     t0 = time.monotonic()
@@ -109,9 +109,7 @@ def test_cancelling_a_generate_frees_the_node_at_once(fleet):
 
 
 def test_cordoned_node_gets_no_new_requests_and_uncordon_restores_it(fleet):
-    nodes = sorted(fleet.nodes)
-    alive = {n.node_id for n in fleet.list_nodes()}
-    target = next(n for n in nodes if n in alive)
+    target = fleet.live_nodes()[0]
     r = fleet.cli("nodes", "cordon", target, "--json", check=True)
     assert json.loads(r.stdout)["state"] == "cordoned"
     wait_for(lambda: all(not c.eligible for c in fleet.explain("z").candidates if c.node_id == target), 5)
@@ -125,7 +123,7 @@ def test_cordoned_node_gets_no_new_requests_and_uncordon_restores_it(fleet):
 def test_drain_waits_for_inflight_work_then_reports_drained(fleet):
     node_id, proc = fleet.start_node("drainee")
     # Pin a long request on the drainee: make it the only eligible node for a moment.
-    others = [n for n in fleet.nodes if n != node_id and fleet.nodes[n].alive()]
+    others = [n for n in fleet.live_nodes() if n != node_id]
     for n in others:
         fleet.cli("nodes", "cordon", n, check=True)
     try:
