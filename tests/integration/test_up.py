@@ -57,9 +57,11 @@ def test_up_demo_shows_prefix_routing_and_exits_cleanly(tmp_path):
     assert r.returncode == 0, r.stdout + r.stderr
     assert "Prefix-aware routing" in r.stdout
     assert "stopped." in r.stdout
-    # Every child is gone: the ports are free again.
-    for off in (0, 1, 2):
+    # Every child is gone: nothing listens on the cluster's ports any more (SO_REUSEADDR
+    # skips client sockets in TIME_WAIT but still fails against a listener).
+    for off in (0, 1, 2, 10, 11, 12):
         with socket.socket() as s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             s.bind(("127.0.0.1", base + off))
 
 
