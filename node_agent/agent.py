@@ -20,8 +20,8 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from pydantic import BaseModel, Field
 
 from kvfleet.node_agent.block_tracker import BlockTracker
-from kvfleet.node_agent.engine import Engine, EngineError
-from kvfleet.node_agent.service import NodeAgentService, model_info_pb
+from kvfleet.node_agent.engine import Engine, EngineError, LoadSnapshot
+from kvfleet.node_agent.service import NodeAgentService, load_pb, model_info_pb
 from kvfleet.node_agent.state import StatePublisher
 from kvfleet.v1 import common_pb2 as cpb
 from kvfleet.v1 import controller_pb2 as cpb_ctl
@@ -67,9 +67,8 @@ class NodeAgent:
         self.joined = asyncio.Event()
         self._tasks: list[asyncio.Task] = []
 
-    def _load(self):
-        from kvfleet.node_agent.engine import LoadSnapshot
-
+    def _load(self) -> LoadSnapshot:
+        """All engines' load as one node's."""
         loads = [e.load() for e in self.engines.values()]
         return LoadSnapshot(
             running=sum(l.running for l in loads), waiting=sum(l.waiting for l in loads),
@@ -199,15 +198,9 @@ class NodeAgent:
                 key = [(s.model, s.cached_blocks, tuple((h.block_hash, h.depth) for h in s.heads)) for s in summaries]
                 send = summaries if key != last_summary else []
                 last_summary = key
-                l = self._load()
                 yield cpb_ctl.HeartbeatRequest(
                     ready=all(e.ready for e in self.engines.values()), summaries=send,
-                    load=cpb.LoadSignals(
-                        running=l.running, waiting=l.waiting, kv_usage=l.kv_usage,
-                        queued_prefill_tokens=l.queued_prefill_tokens,
-                        cached_blocks=sum(len(t) for t in self.trackers.values()),
-                        inflight=self.service.inflight if self.service else 0,
-                    ),
+                    load=load_pb(self.publisher.current()),
                 )
                 await asyncio.sleep(self.heartbeat_interval_s)
 

@@ -39,11 +39,14 @@ def update_to_pb(u: Update, block_sizes: dict[str, int]) -> pb.StateUpdate:
 
     return pb.StateUpdate(
         seq=u.seq, snapshot=u.snapshot, stored=blocks(u.stored), removed=blocks(u.removed),
-        cleared_models=u.cleared, ready=u.ready, accepted_request_ids=u.accepted,
-        load=cpb.LoadSignals(
-            running=u.load.running, waiting=u.load.waiting, kv_usage=u.load.kv_usage,
-            queued_prefill_tokens=u.load.queued_prefill_tokens, cached_blocks=u.cached_blocks, inflight=u.inflight,
-        ),
+        cleared_models=u.cleared, ready=u.ready, accepted_request_ids=u.accepted, load=load_pb(u),
+    )
+
+
+def load_pb(u: Update) -> cpb.LoadSignals:
+    return cpb.LoadSignals(
+        running=u.load.running, waiting=u.load.waiting, kv_usage=u.load.kv_usage,
+        queued_prefill_tokens=u.load.queued_prefill_tokens, cached_blocks=u.cached_blocks, inflight=u.inflight,
     )
 
 
@@ -111,16 +114,10 @@ class NodeAgentService(pbg.NodeAgentServicer):
             self.publisher.poke()
 
     async def GetInfo(self, request, context) -> pb.NodeInfoResponse:
-        loads = [e.load() for e in self.engines.values()]
+        u = self.publisher.current()
         return pb.NodeInfoResponse(
-            node_id=self._node_id(), models=[model_info_pb(e) for e in self.engines.values()],
-            ready=all(e.ready for e in self.engines.values()),
-            load=cpb.LoadSignals(
-                running=sum(l.running for l in loads), waiting=sum(l.waiting for l in loads),
-                kv_usage=max((l.kv_usage for l in loads), default=0.0),
-                queued_prefill_tokens=sum(l.queued_prefill_tokens for l in loads),
-                cached_blocks=sum(len(t) for t in self.publisher.trackers.values()), inflight=self.inflight,
-            ),
+            node_id=self._node_id(), models=[model_info_pb(e) for e in self.engines.values()], ready=u.ready,
+            load=load_pb(u),
         )
 
     async def GetTokenizer(self, request: pb.GetTokenizerRequest, context) -> pb.TokenizerResponse:

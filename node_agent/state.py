@@ -100,6 +100,11 @@ class StatePublisher:
     def _cached_blocks(self) -> int:
         return sum(len(t) for t in self.trackers.values())
 
+    def current(self) -> Update:
+        """Load, readiness and cache size now, without blocks and without a sequence number."""
+        return Update(seq=self.seq, snapshot=False, stored={}, removed={}, cleared=[], load=self._load(),
+                      cached_blocks=self._cached_blocks(), inflight=self._inflight(), ready=self._ready(), accepted=[])
+
     def _make(self, snapshot: bool) -> Update:
         load = self._load()
         if snapshot:
