@@ -18,9 +18,9 @@ stops at the first bucket that holds the key or an EMPTY entry.
 
 Why this shape:
 
-* 10 bytes per entry and no Python object per pair (a dict of sets costs well over 100
-  bytes per pair). The table is kept between TARGET_LOAD/2 and MAX_LOAD full, so a pair
-  costs 14..29 bytes (measured: 16.8 at 20 M pairs over 1,000 nodes).
+* 10 bytes per entry and no Python object per pair (a dict of sets costs several times
+  more; ``bench/bench_router.py`` measures it). The table is kept between
+  TARGET_LOAD/2 and MAX_LOAD full, so a pair costs 14..29 bytes.
 * The per-slot salt scatters the copies of one popular block (a system prompt held by
   all 1,000 nodes) over the table instead of piling them into one bucket.
 * For a fixed slot ``h -> fmix64(h ^ salt)`` is a bijection, and lookups compare the slot
@@ -28,16 +28,14 @@ Why this shape:
   exception: per slot, the two hashes whose key would be 0 or 1 take key 2 and alias
   the hash that owns it; probability 2**-63 per block.)
 * Dropping a node is one vectorised scan of ``slots``; there are no per-node lists.
-* Batches are probed in NumPy, one bucket per pending key per pass; with 8-entry buckets
-  and triangular steps nearly every key resolves in its first bucket, so a batch costs
-  one or two passes. Batches of at most ``SCALAR_MAX`` hashes (most events) take a
-  plain-Python probe instead, since NumPy's ~1 us per call dominates there.
+* Batches are probed in NumPy, one bucket per pending key per pass (a row gather);
+  nearly every key resolves in its first bucket. Batches of at most ``SCALAR_MAX``
+  hashes (most events) take a plain-Python probe instead, since NumPy's ~1 us per call
+  dominates there.
 * A rehash places entries without probing: sort by bucket, and the first 8 of each
   bucket go straight in; the few overflowing entries are inserted normally.
 
-Measured on the 2-core dev box at 20 M pairs over 1,000 nodes (``bench/bench_router.py``
-has the current figures): see the module ``COSTS`` note below, kept next to the code it
-describes.
+Measured costs are in :class:`PrefixIndex`'s docstring.
 
 Single writer: the router's event consumer owns the index; nothing else mutates it.
 """
@@ -55,7 +53,7 @@ EMPTY = 0
 TOMBSTONE = 1
 """Key of a deleted entry: lookups go past it, inserts reuse it."""
 BUCKET = 8
-"""Entries per bucket: 8 uint64 keys are one 64-byte cache line."""
+"""Entries per bucket: 8 uint64 keys are one 64-byte cache line (``_row_any`` relies on 8)."""
 MAX_LOAD = 0.7
 """Occupied (live + tombstone) fraction of the table that triggers a rehash."""
 TARGET_LOAD = 0.5
@@ -65,8 +63,12 @@ MAX_SLOTS = 1 << 16
 SCALAR_MAX = 32
 """Batches of up to this many hashes are probed in plain Python: below this, NumPy's
 per-call overhead (~40 us per batch) costs more than ~1.5 us per hash in Python."""
+MATCH_BATCH = 1024
+"""Keys ``match`` aims to probe per vectorised batch (see the search loop)."""
+_STRAGGLERS = 16
+"""A vectorised lookup finishes its last few keys (at most this many) in Python."""
 CHUNK = 1 << 16
-"""Largest batch probed in one vectorised go (bounds the (8, n) temporaries)."""
+"""Largest batch probed in one vectorised go (bounds the (n, 8) temporaries)."""
 
 _U64 = np.uint64
 _FIRST_KEY = TOMBSTONE + 1
@@ -123,16 +125,20 @@ class PrefixIndex:
     Nodes get small integer slots (``add_node``); events address nodes by slot, so the hot
     path never hashes node ids. ``len(index)`` is the number of (node, block) pairs.
 
-    Costs, measured on the 2-core dev box at 20 M pairs over 1,000 nodes (table of 2**25
-    entries at load 0.6; see ``bench/bench_router.py``):
+    Costs, measured on the 2-core dev box with 20 M pairs over 1,000 nodes (table of
+    2**25 entries at load 0.60; ``bench/bench_router.py``):
 
-    * memory: 16.8 bytes per pair (10 bytes per entry / load);
-    * ``store``: ~3 us per 1-block event, ~1.2 us per block in 16-block events,
-      ~0.6 us per block in 256-block batches; a rehash of 20 M pairs takes ~2.5 s;
+    * memory: 16.8 bytes per pair (10 bytes per entry / load; 14..29 by design);
+    * ``store``: 1-block events ~3.2 us each (310 k blocks/s); 16-block events ~28 us
+      (580 k blocks/s); 256-block events 1.3 M blocks/s;
     * ``contains``: one bucket read, ~2 us from Python;
-    * ``match`` of a 500-block prompt against 1,000 nodes that all hold its first block:
-      10 vectorised probe batches of <= 1,000 keys, ~0.4 ms;
-    * ``clear`` / ``remove_node``: one scan of the table, ~40 ms.
+    * ``match`` of a 500-block prompt: ~1.15 ms against 979 nodes that all hold its
+      first block (10 probe batches of ~1,000 keys, each a cache miss), ~0.47 ms when
+      123 nodes hold it;
+    * ``clear`` / ``remove_node``: one scan of the table, ~60 ms;
+    * growing past MAX_LOAD rehashes everything: ~5 s at 20 M pairs on this box, a
+      stall for a single-threaded router. Size a big index up front with
+      :meth:`reserve`.
     """
 
     __slots__ = (
@@ -248,6 +254,14 @@ class PrefixIndex:
         self._delete(pos)
         self._counts[slot] = 0
 
+    def reserve(self, pairs: int) -> None:
+        """Sizes the table for ``pairs`` (node, block) pairs now, so that growing to them
+        later needs no rehash. Cheap on an empty index; a rehash of 20 M pairs takes
+        seconds, so size a big fleet's index up front (a node can hold at most its
+        ``num_blocks``)."""
+        if pairs > MAX_LOAD * len(self._keys) - (self._used - self._live):
+            self._rehash(max(pairs, self._live))
+
     # -- queries ---------------------------------------------------------------------------
     def contains(self, slot: int, block_hash: int) -> bool:
         """Whether ``slot`` holds ``block_hash``. O(1)."""
@@ -265,10 +279,14 @@ class PrefixIndex:
         Assumes each node's cached set is prefix-closed along a chain: if it holds block
         ``i`` of a prompt it holds blocks ``0..i-1`` too. That holds in practice because
         hashes are chained (block ``i``'s hash names its whole prefix) and engines evict
-        leaves first. Under that assumption the answer is found by binary search over the
-        depth, vectorised across all slots at once: one probe batch for block 0 (slots that
-        miss it, or hold nothing, stop at 0), then ceil(log2(len(hashes))) batches over the
-        slots still open. Cost: O(len(slots) * log(len(hashes))) expected bucket reads.
+        leaves first. Under that assumption the answer is found by searching over the depth,
+        vectorised across all slots at once: one probe batch for block 0 (slots that miss
+        it, or hold nothing, stop at 0), then rounds that each probe ``k`` depths per open
+        slot and keep the part of the range where held turns into not held. With many open
+        slots ``k = 1`` (a binary search: ceil(log2(len(hashes))) rounds); with few, ``k``
+        grows so that a round probes ~MATCH_BATCH keys and fewer rounds are needed, since
+        a NumPy batch costs ~50 us plus ~0.1 us per key. Cost: O(len(slots) *
+        log(len(hashes))) expected bucket reads.
 
         If a node's set has holes, the result ``m`` is still a boundary: block ``m-1`` is
         held and block ``m`` is not (or ``m == len(hashes)``). So it is never less than the
@@ -290,12 +308,27 @@ class PrefixIndex:
         # Invariant per open slot: block lo-1 is held; block hi is not held (or hi == n).
         lo = np.ones(act.size, dtype=np.int64)
         hi = np.full(act.size, n, dtype=np.int64)
+        salt, s16 = self._salt[s], s.astype(np.uint16)
         open_ = np.flatnonzero(lo < hi)
         while open_.size:
-            mid = (lo[open_] + hi[open_] + 1) >> 1
-            held = self._present(h[mid - 1], s[open_])
-            lo[open_] = np.where(held, mid, lo[open_])
-            hi[open_] = np.where(held, hi[open_], mid - 1)
+            olo, ohi = lo[open_], hi[open_]
+            # Probe k depths per open slot, splitting (lo, hi] into k + 1 parts.
+            k = int(min(max(1, MATCH_BATCH // open_.size), (ohi - olo).max()))
+            if k == 1:
+                mid = (olo + ohi + 1) >> 1
+                held = self._find(_mix(h[mid - 1], salt[open_]), s16[open_]) >= 0
+                lo[open_] = np.where(held, mid, olo)
+                hi[open_] = np.where(held, ohi, mid - 1)
+            else:
+                depth = olo[:, None] + -(-np.arange(1, k + 1) * (ohi - olo)[:, None] // (k + 1))
+                rows = np.repeat(open_, k)
+                keys = _mix(h[depth.reshape(-1) - 1], salt[rows])
+                held2 = (self._find(keys, s16[rows]) >= 0).reshape(depth.shape)
+                # j: how many probes, shallowest first, are held before the first miss.
+                j = np.where(held2.all(axis=1), k, held2.argmin(axis=1))
+                r = np.arange(open_.size)
+                lo[open_] = np.where(j > 0, depth[r, j - 1], olo)
+                hi[open_] = np.where(j < k, depth[r, np.minimum(j, k - 1)] - 1, ohi)
             open_ = open_[lo[open_] < hi[open_]]
         out[act] = lo
         return out
@@ -329,10 +362,12 @@ class PrefixIndex:
             raise KeyError(f"no node in slot {slot}")
         return slot
 
-    def _find_scalar(self, key: int, slot: int) -> int:
-        """Table position of (key, slot), or -1."""
+    def _find_scalar(self, key: int, slot: int, b: int = -1, step: int = 0) -> int:
+        """Table position of (key, slot), or -1. Probing starts at bucket ``b`` reached
+        after ``step`` steps (default: the key's home bucket)."""
         tk, ts, bmask = self._kv, self._sv, self._bmask
-        b, step = key & bmask, 0
+        if b < 0:
+            b = key & bmask
         while True:
             base = b << _LOG_BUCKET
             ents = tk[base : base + BUCKET].tolist()
@@ -390,9 +425,10 @@ class PrefixIndex:
         self._live -= removed
         return removed
 
-    def _present(self, hashes: np.ndarray | np.uint64, slots: np.ndarray) -> np.ndarray:
-        """Whether each ``slots[i]`` holds ``hashes[i]`` (``hashes`` may be one scalar)."""
-        keys = _mix(np.broadcast_to(hashes, slots.shape), self._salt[slots])
+    def _present(self, hashes: np.ndarray | np.uint64, slots: np.ndarray, salt: np.ndarray | None = None) -> np.ndarray:
+        """Whether each ``slots[i]`` holds ``hashes[i]`` (``hashes`` may be one scalar);
+        ``salt`` is ``self._salt[slots]`` if the caller has it."""
+        keys = _mix(np.broadcast_to(hashes, slots.shape), self._salt[slots] if salt is None else salt)
         return self._find(keys, slots.astype(np.uint16)) >= 0
 
     def _find(self, keys: np.ndarray, slots: np.ndarray) -> np.ndarray:
@@ -405,16 +441,26 @@ class PrefixIndex:
         step = 0
         while idx.size:
             at = np.take(rows, b, axis=0)
+            eq = at == keys[:, None]
             ended = _row_any(at == EMPTY)
-            r, c = np.nonzero(at == keys[:, None])
-            if r.size:
-                pos = (b[r] << _LOG_BUCKET) | c
-                ok = ts[pos] == slots[r]
-                out[idx[r[ok]]] = pos[ok]
-                ended[r[ok]] = True
+            hit = np.flatnonzero(_row_any(eq))
+            if hit.size:
+                pos = (b[hit] << _LOG_BUCKET) | eq[hit].argmax(axis=1)
+                ok = ts[pos] == slots[hit]
+                out[idx[hit[ok]]] = pos[ok]
+                ended[hit] = True
+                # The key's first copy in the bucket belongs to another slot (p ~ 2**-60):
+                # look at the rest of the bucket and beyond in Python.
+                for i in hit[~ok].tolist():
+                    out[idx[i]] = self._find_scalar(int(keys[i]), int(slots[i]), int(b[i]), step)
             go = ~ended
             step += 1
             idx, keys, slots, b = idx[go], keys[go], slots[go], (b[go] + step) & bmask
+            if 0 < idx.size <= _STRAGGLERS:
+                # A few keys in long probe sequences: a NumPy pass would cost ~20 us each.
+                for i, k, sl, bk in zip(idx.tolist(), keys.tolist(), slots.tolist(), b.tolist()):
+                    out[i] = self._find_scalar(k, sl, bk, step)
+                break
         return out
 
     def _insert(self, keys: np.ndarray, slots: np.ndarray) -> tuple[int, int]:
@@ -493,10 +539,16 @@ class PrefixIndex:
         del live
         n = keys.size
         bits = max(n.bit_length(), 1)
-        home = (keys & _U64(cap // BUCKET - 1)).astype(np.int64)
-        order = np.sort((home << bits) | np.arange(n, dtype=np.int64)) & ((1 << bits) - 1)
-        keys, slots, home = keys[order], slots[order], home[order]
+        # Sort (home bucket, original index) packed in one int64; 20 M entries ~1.5 s.
+        packed = (keys & _U64(cap // BUCKET - 1)).view(np.int64)
+        packed <<= bits
+        packed |= np.arange(n, dtype=np.int64)
+        packed.sort()
+        order = packed & ((1 << bits) - 1)
+        keys, slots = keys[order], slots[order]
         del order
+        home = packed >> bits
+        del packed
         i = np.arange(n, dtype=np.int64)
         run_start = np.ones(n, dtype=bool)
         run_start[1:] = home[1:] != home[:-1]

@@ -5,7 +5,7 @@ No I/O, no clock, no globals: a policy sees a :class:`RouteRequest`, frozen
 returns every node as a :class:`Candidate`, eligible ones first, best first. The only
 state a policy may keep lives in the policy object (``round_robin``'s counter).
 
-Every policy runs the same two steps and differs only in the last:
+Every policy runs the same three steps and differs only in the last:
 
 1. filter: a node is eligible when it is routable, serves the request's block size,
    has a known prefill rate, and can hold the whole sequence in its KV cache;
@@ -105,7 +105,8 @@ def evaluate(request: RouteRequest, nodes: Sequence[NodeView], index: PrefixInde
 
     ``cost_s = (queued_prefill_tokens + uncached_tokens + running) / prefill_tokens_per_s``
 
-    * queued + uncached: prefill work ahead of and of this request, at the node's rate.
+    * queued + uncached: the prefill work queued ahead of this request plus its own, at
+      the node's prefill rate.
     * running: decode interference. The engine step that runs this request's prefill
       also runs one decode token for each running sequence (vLLM schedules running
       requests first), and in that compute-bound step a decode token costs about what a
@@ -113,32 +114,26 @@ def evaluate(request: RouteRequest, nodes: Sequence[NodeView], index: PrefixInde
       how many depends on the engine's per-step token budget, which the view does not
       carry, so the policy charges no more than it can justify.
 
+    Not in the cost: ``decode_tokens_per_s`` (it sets the time per output token, not the
+    first one) and ``kv_usage`` (a full cache evicts, which costs later hits, not this
+    request's TTFT; a sequence that cannot fit at all is filtered out).
+
     O(len(nodes)) plus one ``index.match`` over the eligible nodes' slots.
     """
     n = len(nodes)
     bs, prompt = request.block_size, request.prompt_tokens
     need_blocks = -(-(prompt + request.max_tokens) // bs)
+    slot = np.fromiter([v.slot for v in nodes], np.int64, n)
+    rate = np.fromiter([v.prefill_tokens_per_s for v in nodes], np.float64, n)
+    queued = np.fromiter([v.queued_prefill_tokens for v in nodes], np.int64, n)
+    running = np.fromiter([v.running for v in nodes], np.int64, n)
+    cached_blocks = np.fromiter([v.cached_blocks for v in nodes], np.int64, n)
+    eligible = np.fromiter(
+        [v.routable and v.block_size == bs and v.prefill_tokens_per_s > 0 and v.num_blocks >= need_blocks
+         for v in nodes], bool, n)
     reasons = [""] * n
-    eligible = np.ones(n, dtype=bool)
-    slot = np.empty(n, dtype=np.int64)
-    rate = np.empty(n, dtype=np.float64)
-    queued = np.empty(n, dtype=np.int64)
-    running = np.empty(n, dtype=np.int64)
-    cached_blocks = np.empty(n, dtype=np.int64)
-    for i, v in enumerate(nodes):
-        slot[i], rate[i], queued[i] = v.slot, v.prefill_tokens_per_s, v.queued_prefill_tokens
-        running[i], cached_blocks[i] = v.running, v.cached_blocks
-        if not v.routable:
-            reasons[i] = "not routable (not ready, cordoned, draining or drained)"
-        elif v.block_size != bs:
-            reasons[i] = f"block_size {v.block_size} != request's {bs}"
-        elif not v.prefill_tokens_per_s > 0:
-            reasons[i] = "no prefill rate reported"
-        elif need_blocks > v.num_blocks:
-            reasons[i] = f"sequence needs {need_blocks} KV blocks, node has {v.num_blocks}"
-        else:
-            continue
-        eligible[i] = False
+    for i in np.flatnonzero(~eligible).tolist():
+        reasons[i] = _ineligible(nodes[i], bs, need_blocks)
     matched = np.zeros(n, dtype=np.int64)
     lookup = np.flatnonzero(eligible & (slot >= 0))
     if lookup.size and len(request.block_hashes):
@@ -148,6 +143,17 @@ def evaluate(request: RouteRequest, nodes: Sequence[NodeView], index: PrefixInde
     with np.errstate(divide="ignore", invalid="ignore"):
         cost = np.where(eligible, (queued + uncached + running) / rate, np.inf)
     return Evaluation(eligible, reasons, cached, uncached, queued, running, cached_blocks, cost)
+
+
+def _ineligible(v: NodeView, block_size: int, need_blocks: int) -> str:
+    """Why ``v`` cannot take a request (the first reason that applies)."""
+    if not v.routable:
+        return "not routable (not ready, cordoned, draining or drained)"
+    if v.block_size != block_size:
+        return f"block_size {v.block_size} != request's {block_size}"
+    if not v.prefill_tokens_per_s > 0:
+        return "no prefill rate reported"
+    return f"sequence needs {need_blocks} KV blocks, node has {v.num_blocks}"
 
 
 def candidates(nodes: Sequence[NodeView], ev: Evaluation, order: np.ndarray) -> list[Candidate]:
@@ -183,10 +189,10 @@ def register(name: str) -> Callable[[Callable[[], Policy]], Callable[[], Policy]
 
 def get_policy(name: str) -> Policy:
     """A new instance of the policy registered as ``name``."""
-    try:
-        return POLICIES[name]()
-    except KeyError:
-        raise ValueError(f"unknown routing policy {name!r}; known: {', '.join(sorted(POLICIES))}") from None
+    factory = POLICIES.get(name)
+    if factory is None:
+        raise ValueError(f"unknown routing policy {name!r}; known: {', '.join(sorted(POLICIES))}")
+    return factory()
 
 
 # -- policies ---------------------------------------------------------------------------------

@@ -161,7 +161,8 @@ class RouterService(pbg.InferenceServicer):
             out.extend(self.policy.rank(RouteRequest(hashes, len(p.tokens), bs, p.max_tokens), group, index))
             decide_s += time.perf_counter() - t1
             hash_s += t1 - t0
-        out.sort(key=lambda c: (not c.eligible, c.cost_s))
+        if len(by_bs) > 1:  # several block sizes: merge the groups by cost (one group keeps its policy's order)
+            out.sort(key=lambda c: (not c.eligible, c.cost_s))
         DECIDE.labels(p.model).observe(hash_s + decide_s + p.tokenize_us / 1e6)
         return Ranked(out, {v.node_id: v.block_size for v in views}, hash_s * 1e6, decide_s * 1e6)
 

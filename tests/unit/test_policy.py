@@ -1,0 +1,275 @@
+"""Routing policies: exact rankings from plain data (views + a real PrefixIndex)."""
+
+from __future__ import annotations
+
+import dataclasses
+import random
+
+import numpy as np
+import pytest
+
+from kvfleet.controller.router.index import PrefixIndex
+from kvfleet.controller.router.policy import (
+    POLICIES,
+    Candidate,
+    NodeView,
+    RouteRequest,
+    evaluate,
+    get_policy,
+    predicted_cached_tokens,
+)
+from kvfleet.hashing import block_hashes
+
+BS = 16
+
+
+def chain(seed: int, n: int) -> np.ndarray:
+    return block_hashes(np.random.default_rng(seed).integers(0, 50_000, n * BS), BS)
+
+
+def view(node_id: str, slot: int = -1, **kw) -> NodeView:
+    fields = dict(
+        node_id=node_id, address=f"{node_id}:7000", routable=True, block_size=BS, num_blocks=10_000,
+        prefill_tokens_per_s=1000.0, decode_tokens_per_s=50.0, running=0, waiting=0, kv_usage=0.0,
+        queued_prefill_tokens=0, cached_blocks=0, slot=slot,
+    )
+    fields.update(kw)
+    return NodeView(**fields)
+
+
+def fleet(index: PrefixIndex, names: list[str], **kw) -> list[NodeView]:
+    return [view(n, index.add_node(n), **kw) for n in names]
+
+
+def request(hashes: np.ndarray, prompt_tokens: int, max_tokens: int = 16) -> RouteRequest:
+    return RouteRequest(block_hashes=hashes, prompt_tokens=prompt_tokens, block_size=BS, max_tokens=max_tokens)
+
+
+def send(nodes: list[NodeView], best: Candidate) -> list[NodeView]:
+    """What the router does after a pick: the node's queue grows by the uncached tokens."""
+    return [
+        dataclasses.replace(v, queued_prefill_tokens=v.queued_prefill_tokens + best.uncached_tokens)
+        if v.node_id == best.node_id else v
+        for v in nodes
+    ]
+
+
+# -- vLLM's cached-token rule ---------------------------------------------------------------
+@pytest.mark.parametrize(
+    ("matched", "prompt", "expected"),
+    [
+        (4, 64, 48),     # exactly 4 blocks: the last token is computed, so only 3 blocks hit
+        (4, 65, 64),     # one token past 4 blocks: all 4 hit
+        (4, 63, 48),     # 3 full blocks + 15 tokens: at most 3 blocks hit
+        (2, 65, 32),     # fewer blocks matched than allowed
+        (0, 65, 0),
+        (1, 16, 0),      # a one-block prompt never hits
+        (1, 17, 16),
+        (0, 1, 0),
+        (0, 0, 0),       # empty prompt
+        (500, 8000, 7984),
+    ],
+)
+def test_predicted_cached_tokens_follows_vllm_rule(matched, prompt, expected):
+    assert predicted_cached_tokens(matched, prompt, BS) == expected
+
+
+@pytest.mark.parametrize("prompt", [15, 16, 17, 31, 32, 33, 48, 64, 80, 81])
+def test_evaluate_cached_tokens_equal_the_scalar_rule_for_every_depth(prompt):
+    idx = PrefixIndex()
+    h = chain(1, prompt // BS)
+    nodes = [view(f"n{d}", idx.add_node(f"n{d}")) for d in range(len(h) + 1)]
+    for d, v in enumerate(nodes):
+        if d:
+            idx.store(v.slot, h[:d])
+    ev = evaluate(request(h, prompt), nodes, idx)
+    assert ev.cached.tolist() == [predicted_cached_tokens(d, prompt, BS) for d in range(len(h) + 1)]
+    assert (ev.cached + ev.uncached).tolist() == [prompt] * len(nodes)
+
+
+# -- the kvfleet policy: estimated time to first token ---------------------------------------
+def test_kvfleet_prefers_the_node_holding_the_prefix_with_exact_costs():
+    idx = PrefixIndex()
+    nodes = fleet(idx, ["a", "b", "c"])
+    h = chain(1, 65)                                  # 1040-token prompt
+    idx.store(nodes[1].slot, h[:40])
+    idx.store(nodes[2].slot, h[:64])
+    ranked = get_policy("kvfleet").rank(request(h, 1040), nodes, idx)
+    assert [(c.node_id, c.cached_tokens, c.uncached_tokens) for c in ranked] == [
+        ("c", 1024, 16), ("b", 640, 400), ("a", 0, 1040)]
+    assert [c.cost_s for c in ranked] == [16 / 1000, 400 / 1000, 1040 / 1000]
+    assert all(c.eligible and c.reason == "" for c in ranked)
+
+
+def test_kvfleet_cost_adds_queue_and_one_decode_token_per_running_sequence():
+    idx = PrefixIndex()
+    nodes = [
+        view("a", idx.add_node("a"), queued_prefill_tokens=300, running=20),
+        view("b", idx.add_node("b"), queued_prefill_tokens=300, running=0),
+        view("c", idx.add_node("c"), queued_prefill_tokens=0, running=40, prefill_tokens_per_s=2000.0),
+    ]
+    ranked = get_policy("kvfleet").rank(request(chain(2, 10), 160), nodes, idx)
+    assert {c.node_id: c.cost_s for c in ranked} == {
+        "a": (300 + 160 + 20) / 1000, "b": (300 + 160) / 1000, "c": (160 + 40) / 2000}
+    assert [c.node_id for c in ranked] == ["c", "b", "a"]
+    assert ranked[1].queued_prefill_tokens == 300
+
+
+def test_kvfleet_faster_node_wins_when_recomputing_there_is_quicker():
+    idx = PrefixIndex()
+    slow = view("slow", idx.add_node("slow"), prefill_tokens_per_s=1000.0)
+    fast = view("fast", idx.add_node("fast"), prefill_tokens_per_s=8000.0)
+    h = chain(3, 65)
+    idx.store(slow.slot, h[:32])                      # slow: 528 tokens left -> 0.528 s
+    ranked = get_policy("kvfleet").rank(request(h, 1040), [slow, fast], idx)
+    assert [(c.node_id, c.cost_s) for c in ranked] == [("fast", 1040 / 8000), ("slow", 528 / 1000)]
+
+
+def test_kvfleet_burst_on_one_prefix_spills_once_the_queue_outweighs_recomputing():
+    idx = PrefixIndex()
+    nodes = fleet(idx, ["a", "b", "c"])
+    h = chain(4, 65)
+    idx.store(nodes[0].slot, h[:64])
+    nodes[0] = dataclasses.replace(nodes[0], cached_blocks=64)
+    policy = get_policy("kvfleet")
+    picks = []
+    for _ in range(67):
+        best = policy.rank(request(h, 1040), nodes, idx)[0]
+        picks.append(best.node_id)
+        nodes = send(nodes, best)
+    # a costs (16 * k + 16) / rate after k requests; b and c cost 1040 / rate. At k = 64
+    # both cost 1.04 s and the tie goes to the node with fewer cached blocks.
+    assert picks[:64] == ["a"] * 64
+    assert picks[64:] == ["b", "c", "a"]
+
+
+def test_kvfleet_spreads_distinct_prefixes_over_an_idle_fleet():
+    idx = PrefixIndex()
+    nodes = [view("n0", idx.add_node("n0"), cached_blocks=5), view("n1", idx.add_node("n1")),
+             view("n2", idx.add_node("n2")), view("n3", idx.add_node("n3"), cached_blocks=3)]
+    policy = get_policy("kvfleet")
+    picks = []
+    for i in range(5):
+        best = policy.rank(request(chain(100 + i, 8), 130), nodes, idx)[0]
+        picks.append(best.node_id)
+        nodes = send(nodes, best)
+    assert picks == ["n1", "n2", "n3", "n0", "n1"]
+
+
+def test_kvfleet_ranking_does_not_depend_on_node_order():
+    idx = PrefixIndex()
+    nodes = fleet(idx, [f"n{i}" for i in range(12)])
+    h = chain(5, 20)
+    for i, v in enumerate(nodes):
+        idx.store(v.slot, h[: i % 4])
+    expected = [c.node_id for c in get_policy("kvfleet").rank(request(h, 330), nodes, idx)]
+    shuffled = nodes[:]
+    random.Random(0).shuffle(shuffled)
+    assert [c.node_id for c in get_policy("kvfleet").rank(request(h, 330), shuffled, idx)] == expected
+    assert expected[:3] == ["n11", "n3", "n7"]      # 3 blocks each, then by node id
+
+
+def test_kvfleet_node_without_index_slot_is_eligible_with_nothing_cached():
+    idx = PrefixIndex()
+    h = chain(6, 4)
+    ranked = get_policy("kvfleet").rank(request(h, 70), [view("x", -1)], idx)
+    assert ranked == [Candidate("x", 0, 70, 0, 70 / 1000, True, "")]
+
+
+# -- eligibility ----------------------------------------------------------------------------
+def ineligible_fleet(idx: PrefixIndex, h: np.ndarray) -> list[NodeView]:
+    nodes = [
+        view("cordoned", idx.add_node("cordoned"), routable=False),
+        view("other-bs", idx.add_node("other-bs"), block_size=32),
+        view("no-rate", idx.add_node("no-rate"), prefill_tokens_per_s=0.0),
+        view("tiny", idx.add_node("tiny"), num_blocks=10),
+        view("ok-busy", idx.add_node("ok-busy"), queued_prefill_tokens=1_000_000),
+    ]
+    for v in nodes[:4]:
+        idx.store(v.slot, h)          # the ineligible ones hold the whole prompt
+    return nodes
+
+
+@pytest.mark.parametrize("name", sorted(POLICIES))
+def test_ineligible_nodes_are_never_picked_and_come_last_with_reasons(name):
+    idx = PrefixIndex()
+    h = chain(7, 20)
+    nodes = ineligible_fleet(idx, h)
+    for _ in range(3):
+        ranked = get_policy(name).rank(request(h, 330, max_tokens=100), nodes, idx)
+        assert ranked[0].node_id == "ok-busy" and ranked[0].eligible
+    assert [(c.node_id, c.eligible, c.reason, c.cost_s) for c in ranked[1:]] == [
+        ("cordoned", False, "not routable (not ready, cordoned, draining or drained)", float("inf")),
+        ("no-rate", False, "no prefill rate reported", float("inf")),
+        ("other-bs", False, "block_size 32 != request's 16", float("inf")),
+        ("tiny", False, "sequence needs 27 KV blocks, node has 10", float("inf")),
+    ]
+    assert all(c.cached_tokens == 0 and c.uncached_tokens == 330 for c in ranked[1:])
+
+
+def test_all_ineligible_returns_every_node_and_no_eligible_one():
+    idx = PrefixIndex()
+    h = chain(8, 4)
+    nodes = ineligible_fleet(idx, h)[:4]
+    ranked = get_policy("kvfleet").rank(request(h, 70, max_tokens=200), nodes, idx)
+    assert len(ranked) == 4 and not any(c.eligible for c in ranked)
+
+
+@pytest.mark.parametrize("name", sorted(POLICIES))
+def test_every_policy_returns_every_node_once_and_handles_no_nodes(name):
+    idx = PrefixIndex()
+    nodes = fleet(idx, [f"n{i}" for i in range(7)])
+    ranked = get_policy(name).rank(request(chain(9, 3), 50), nodes, idx)
+    assert sorted(c.node_id for c in ranked) == sorted(v.node_id for v in nodes)
+    assert get_policy(name).rank(request(chain(9, 3), 50), [], idx) == []
+
+
+# -- the baselines --------------------------------------------------------------------------
+def test_round_robin_rotates_over_eligible_nodes_in_id_order():
+    idx = PrefixIndex()
+    nodes = [view("c", idx.add_node("c")), view("a", idx.add_node("a")),
+             view("x", idx.add_node("x"), routable=False), view("b", idx.add_node("b"))]
+    rr = get_policy("round_robin")
+    firsts = [rr.rank(request(chain(10, 2), 40), nodes, idx)[0].node_id for _ in range(5)]
+    assert firsts == ["a", "b", "c", "a", "b"]
+    assert [c.node_id for c in rr.rank(request(chain(10, 2), 40), nodes, idx)] == ["c", "a", "b", "x"]
+
+
+def test_round_robin_counter_lives_in_each_policy_object():
+    idx = PrefixIndex()
+    nodes = fleet(idx, ["a", "b"])
+    first, second = get_policy("round_robin"), get_policy("round_robin")
+    first.rank(request(chain(11, 2), 40), nodes, idx)
+    assert second.rank(request(chain(11, 2), 40), nodes, idx)[0].node_id == "a"
+    assert first.rank(request(chain(11, 2), 40), nodes, idx)[0].node_id == "b"
+
+
+def test_least_loaded_orders_by_queue_then_running_then_id_and_ignores_cache():
+    idx = PrefixIndex()
+    h = chain(12, 10)
+    nodes = [view("a", idx.add_node("a"), queued_prefill_tokens=50),
+             view("b", idx.add_node("b"), queued_prefill_tokens=10, running=3),
+             view("c", idx.add_node("c"), queued_prefill_tokens=10, running=1),
+             view("d", idx.add_node("d"), queued_prefill_tokens=10, running=1)]
+    idx.store(nodes[0].slot, h)
+    ranked = get_policy("least_loaded").rank(request(h, 170), nodes, idx)
+    assert [c.node_id for c in ranked] == ["c", "d", "b", "a"]
+    assert ranked[3].cached_tokens == 160          # still reported, just not used
+
+
+# -- registry and purity --------------------------------------------------------------------
+def test_registry_knows_the_policies_and_rejects_unknown_names():
+    assert {"kvfleet", "round_robin", "least_loaded"} <= set(POLICIES)
+    with pytest.raises(ValueError, match="unknown routing policy 'nope'; known: .*kvfleet"):
+        get_policy("nope")
+
+
+def test_kvfleet_rank_is_pure_same_inputs_same_output_and_index_untouched():
+    idx = PrefixIndex()
+    nodes = fleet(idx, ["a", "b", "c"])
+    h = chain(13, 9)
+    idx.store(nodes[1].slot, h[:5])
+    before = len(idx)
+    policy = get_policy("kvfleet")
+    assert policy.rank(request(h, 150), nodes, idx) == policy.rank(request(h, 150), nodes, idx)
+    assert len(idx) == before and idx.blocks_of(nodes[1].slot) == 5

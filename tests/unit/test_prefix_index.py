@@ -1,0 +1,359 @@
+"""PrefixIndex: exact store/remove/clear/match semantics, growth, and a randomised check
+against a dict-of-sets reference. No network, no clock."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from kvfleet.controller.router import index as index_mod
+from kvfleet.controller.router.index import SCALAR_MAX, FleetIndex, PrefixIndex
+from kvfleet.hashing import block_hashes
+
+BS = 16
+
+
+def chain(seed: int, n: int, parent: int | None = None) -> np.ndarray:
+    """Canonical hashes of ``n`` blocks of deterministic pseudo-random tokens."""
+    tokens = np.random.default_rng(seed).integers(0, 50_000, n * BS)
+    return block_hashes(tokens, BS, parent=parent)
+
+
+def u64(values) -> np.ndarray:
+    return np.asarray(values, dtype=np.uint64)
+
+
+# -- nodes ----------------------------------------------------------------------------------
+def test_add_node_is_idempotent_and_slots_are_dense():
+    idx = PrefixIndex()
+    assert idx.add_node("a") == 0
+    assert idx.add_node("b") == 1
+    assert idx.add_node("a") == 0
+    assert idx.slot_of("a") == 0 and idx.slot_of("b") == 1 and idx.slot_of("zz") is None
+    assert sorted(idx.node_ids()) == ["a", "b"]
+
+
+def test_remove_node_drops_blocks_and_frees_lowest_slot_for_reuse():
+    idx = PrefixIndex()
+    for name in "abc":
+        idx.add_node(name)
+    h = chain(1, 10)
+    idx.store(0, h)
+    idx.store(1, h[:4])
+    idx.remove_node("a")
+    assert idx.slot_of("a") is None
+    assert len(idx) == 4
+    assert idx.add_node("d") == 0          # a's slot, reused
+    assert idx.blocks_of(0) == 0           # and it comes back empty
+    assert not idx.contains(0, int(h[0]))
+    assert idx.match(h, u64([0, 1]) .astype(np.int64)).tolist() == [0, 4]
+
+
+def test_unknown_slot_is_rejected():
+    idx = PrefixIndex()
+    idx.add_node("a")
+    with pytest.raises(KeyError):
+        idx.store(1, chain(1, 1))
+    idx.remove_node("a")
+    with pytest.raises(KeyError):
+        idx.blocks_of(0)
+
+
+# -- store / remove / clear -----------------------------------------------------------------
+@pytest.mark.parametrize("n", [1, SCALAR_MAX, SCALAR_MAX + 1, 300])
+def test_store_then_contains_exactly_the_stored_blocks(n):
+    idx = PrefixIndex()
+    a, b = idx.add_node("a"), idx.add_node("b")
+    h = chain(7, n)
+    idx.store(a, h)
+    assert len(idx) == n and idx.blocks_of(a) == n and idx.blocks_of(b) == 0
+    assert all(idx.contains(a, int(x)) for x in h)
+    assert not any(idx.contains(b, int(x)) for x in h)
+    assert not idx.contains(a, int(chain(8, 1)[0]))
+
+
+@pytest.mark.parametrize("n", [3, 200])
+def test_duplicate_stores_are_idempotent(n):
+    idx = PrefixIndex()
+    a = idx.add_node("a")
+    h = chain(3, n)
+    idx.store(a, h)
+    idx.store(a, h)
+    idx.store(a, np.concatenate([h, h[::-1]]))   # duplicates inside one batch too
+    assert len(idx) == n and idx.blocks_of(a) == n
+
+
+def test_same_block_on_many_nodes_is_one_pair_per_node():
+    idx = PrefixIndex()
+    h = chain(5, 4)
+    for i in range(50):
+        idx.store(idx.add_node(f"n{i}"), h)
+    assert len(idx) == 200
+    assert idx.match(h, np.arange(50)).tolist() == [4] * 50
+
+
+@pytest.mark.parametrize("n", [5, 100])
+def test_remove_ignores_absent_blocks_and_other_nodes_copies(n):
+    idx = PrefixIndex()
+    a, b = idx.add_node("a"), idx.add_node("b")
+    h = chain(11, n)
+    idx.store(a, h)
+    idx.store(b, h)
+    idx.remove(a, np.concatenate([h[n // 2 :], chain(12, 3)]))   # plus 3 never stored
+    assert idx.blocks_of(a) == n // 2 and idx.blocks_of(b) == n
+    assert len(idx) == n // 2 + n
+    assert [idx.contains(a, int(x)) for x in h] == [True] * (n // 2) + [False] * (n - n // 2)
+    assert all(idx.contains(b, int(x)) for x in h)
+
+
+def test_clear_drops_only_that_nodes_blocks():
+    idx = PrefixIndex()
+    a, b = idx.add_node("a"), idx.add_node("b")
+    h = chain(2, 40)
+    idx.store(a, h)
+    idx.store(b, h[:10])
+    idx.clear(a)
+    assert idx.blocks_of(a) == 0 and idx.blocks_of(b) == 10 and len(idx) == 10
+    assert idx.match(h, np.array([a, b])).tolist() == [0, 10]
+    idx.store(a, h[:3])                     # a cleared slot takes new blocks
+    assert idx.match(h, np.array([a, b])).tolist() == [3, 10]
+
+
+def test_store_after_remove_reuses_tombstones_without_growing():
+    idx = PrefixIndex(capacity=1024)
+    a = idx.add_node("a")
+    for i in range(40):                     # 40 x 200 stores through a 1024-entry table
+        h = chain(100 + i, 200)
+        idx.store(a, h)
+        idx.remove(a, h)
+    assert len(idx) == 0 and idx.capacity == 1024
+
+
+# -- growth ---------------------------------------------------------------------------------
+def test_growth_and_rehash_keep_every_pair():
+    idx = PrefixIndex(capacity=64)
+    slots = [idx.add_node(f"n{i}") for i in range(8)]
+    chains = {s: chain(1000 + s, 400 + 37 * s) for s in slots}
+    for s in slots:
+        for i in range(0, len(chains[s]), 50):  # many small stores: several rehashes
+            idx.store(s, chains[s][i : i + 50])
+    assert idx.capacity > 64
+    assert len(idx) == sum(len(c) for c in chains.values())
+    assert idx.match(chains[3], np.array(slots)).tolist() == [0, 0, 0, len(chains[3]), 0, 0, 0, 0]
+    for s in slots:
+        assert idx.blocks_of(s) == len(chains[s])
+        assert all(idx.contains(s, int(x)) for x in chains[s])
+
+
+def test_rehash_after_mass_removal_shrinks_the_table_and_keeps_the_rest():
+    idx = PrefixIndex(capacity=64)
+    a = idx.add_node("a")
+    h = chain(1, 5000)
+    idx.store(a, h)
+    idx.remove(a, h[10:])
+    idx._rehash(len(idx))
+    assert idx.capacity == 64 and len(idx) == 10
+    assert idx.match(h, np.array([a])).tolist() == [10]
+
+
+def test_reserve_sizes_the_table_so_growing_to_it_needs_no_rehash():
+    idx = PrefixIndex(capacity=64)
+    a = idx.add_node("a")
+    idx.store(a, chain(1, 100))
+    idx.reserve(10_000)
+    cap = idx.capacity
+    assert cap >= 10_000 / index_mod.TARGET_LOAD and len(idx) == 100
+    for i in range(99):
+        idx.store(a, chain(2 + i, 100))
+    assert idx.capacity == cap and len(idx) == 10_000
+    idx.reserve(5_000)                       # never shrinks below what it holds
+    assert idx.capacity == cap
+
+
+def test_rehash_places_overflowing_buckets_correctly():
+    # A tiny table forces many buckets past 8 entries during the sorted placement.
+    idx = PrefixIndex(capacity=64)
+    a = idx.add_node("a")
+    h = chain(77, 3000)
+    idx.store(a, h)
+    idx._rehash(len(idx))
+    assert len(idx) == 3000 and all(idx.contains(a, int(x)) for x in h)
+
+
+# -- match ----------------------------------------------------------------------------------
+def test_match_counts_leading_blocks_per_slot():
+    idx = PrefixIndex()
+    slots = [idx.add_node(n) for n in ("a", "b", "c", "d", "e")]
+    system = chain(1, 8)
+    user = chain(2, 12, parent=int(system[-1]))
+    prompt = np.concatenate([system, user])       # 20 blocks
+    idx.store(slots[0], prompt)                   # all 20
+    idx.store(slots[1], system)                   # 8
+    idx.store(slots[2], prompt[:1])               # 1
+    idx.store(slots[3], chain(3, 30))             # unrelated
+    # slots[4] holds nothing
+    assert idx.match(prompt, np.array(slots)).tolist() == [20, 8, 1, 0, 0]
+    assert idx.match(prompt[:5], np.array(slots)).tolist() == [5, 5, 1, 0, 0]
+    assert idx.match(prompt, np.array([slots[1], slots[0], slots[1]])).tolist() == [8, 20, 8]
+
+
+@pytest.mark.parametrize("depth", list(range(0, 18)))
+def test_match_finds_every_depth_exactly(depth):
+    idx = PrefixIndex()
+    a = idx.add_node("a")
+    prompt = chain(9, 17)
+    idx.store(a, prompt[:depth])
+    assert idx.match(prompt, np.array([a])).tolist() == [depth]
+
+
+@pytest.mark.parametrize("batch", [1, 3, 40, 1024])
+def test_match_is_exact_whether_the_search_is_binary_or_wide(monkeypatch, batch):
+    # MATCH_BATCH sets how many depths each slot probes per round (1 slot -> wide split,
+    # many slots -> binary); the answer must not depend on it.
+    monkeypatch.setattr(index_mod, "MATCH_BATCH", batch)
+    idx = PrefixIndex()
+    prompt = chain(31, 97)
+    depths = [0, 1, 2, 3, 47, 48, 49, 95, 96, 97, 60, 1]
+    slots = np.array([idx.add_node(f"n{i}") for i in range(len(depths))])
+    for s, d in zip(slots, depths):
+        idx.store(s, np.concatenate([prompt[:d], chain(100 + int(s), 5)]))
+    assert idx.match(prompt, slots).tolist() == depths
+    assert idx.match(prompt[:50], slots).tolist() == [min(d, 50) for d in depths]
+
+
+def test_match_with_a_hole_returns_a_boundary_within_documented_bounds():
+    idx = PrefixIndex()
+    a = idx.add_node("a")
+    prompt = chain(4, 16)
+    held = [0, 1, 2, 3, 5, 6, 7, 8, 9]            # hole at 4; true leading run is 4
+    idx.store(a, prompt[held])
+    (m,) = idx.match(prompt, np.array([a])).tolist()
+    assert 4 <= m <= 10
+    assert idx.contains(a, int(prompt[m - 1])) and not idx.contains(a, int(prompt[m]))
+
+
+def test_match_empty_inputs_and_empty_index():
+    idx = PrefixIndex()
+    a = idx.add_node("a")
+    assert idx.match(chain(1, 4), np.array([a])).tolist() == [0]
+    assert idx.match(np.empty(0, np.uint64), np.array([a])).tolist() == [0]
+    assert idx.match(chain(1, 4), np.empty(0, np.int64)).tolist() == []
+    idx.store(a, chain(1, 4))
+    with pytest.raises(IndexError):
+        idx.match(chain(1, 4), np.array([5]))
+
+
+# -- memory ---------------------------------------------------------------------------------
+def test_memory_is_about_ten_bytes_per_entry():
+    idx = PrefixIndex(capacity=1 << 16)
+    a = idx.add_node("a")
+    idx.store(a, chain(1, 20_000))
+    per_pair = idx.memory_bytes() / len(idx)
+    assert idx.memory_bytes() >= 10 * idx.capacity
+    assert per_pair <= 10 / (index_mod.TARGET_LOAD / 2) + 1
+
+
+# -- randomised, against a reference --------------------------------------------------------
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_random_ops_agree_with_dict_of_sets_reference(seed):
+    rng = np.random.default_rng(seed)
+    idx = PrefixIndex(capacity=64)
+    ref: dict[str, set[int]] = {}
+    # A small universe so that stores, removes and duplicates collide often.
+    universe = rng.integers(1, 2**64, 3000, dtype=np.uint64)
+    for step in range(600):
+        op = rng.choice(["add", "store", "store", "store", "remove", "remove", "clear", "drop"],
+                        p=[.05, .2, .2, .2, .15, .1, .05, .05])
+        if op == "add" or not ref:
+            name = f"n{rng.integers(0, 12)}"
+            idx.add_node(name)
+            ref.setdefault(name, set())
+            continue
+        name = sorted(ref)[rng.integers(0, len(ref))]
+        slot = idx.slot_of(name)
+        size = int(rng.choice([1, 2, 5, SCALAR_MAX, SCALAR_MAX + 1, 100, 700]))
+        batch = universe[rng.integers(0, len(universe), size)]
+        if op == "store":
+            idx.store(slot, batch)
+            ref[name] |= {int(x) for x in batch}
+        elif op == "remove":
+            idx.remove(slot, batch)
+            ref[name] -= {int(x) for x in batch}
+        elif op == "clear":
+            idx.clear(slot)
+            ref[name] = set()
+        else:
+            idx.remove_node(name)
+            del ref[name]
+        if step % 50 == 0 or step == 599:
+            assert len(idx) == sum(len(v) for v in ref.values())
+            for n, held in ref.items():
+                s = idx.slot_of(n)
+                assert idx.blocks_of(s) == len(held)
+                present = [idx.contains(s, int(x)) for x in universe]
+                assert {int(x) for x, p in zip(universe, present) if p} == held
+    assert idx._used <= index_mod.MAX_LOAD * idx.capacity
+
+
+def test_scalar_and_vectorised_paths_build_equivalent_tables(monkeypatch):
+    h = chain(21, 500)
+    tables = []
+    for scalar_max in (0, 10_000):
+        monkeypatch.setattr(index_mod, "SCALAR_MAX", scalar_max)
+        idx = PrefixIndex(capacity=64)
+        a, b = idx.add_node("a"), idx.add_node("b")
+        for i in range(0, 500, 7):
+            idx.store(a, h[i : i + 7])
+        idx.store(b, h[:250])
+        idx.remove(a, h[100:300])
+        tables.append(idx)
+    for idx in tables:
+        assert len(idx) == 300 + 250
+        assert idx.match(h, np.array([0, 1])).tolist() == [100, 250]
+    assert [tables[0].contains(0, int(x)) for x in h] == [tables[1].contains(0, int(x)) for x in h]
+
+
+@pytest.mark.parametrize("n", [3, 200])
+def test_equal_keys_of_different_slots_never_alias(monkeypatch, n):
+    # With one salt for every slot, the same block on two nodes has the same key: the
+    # table must still tell the owners apart by slot (the 2**-64 case, made certain).
+    monkeypatch.setattr(index_mod, "_slot_salt", lambda seed, slot: 12345)
+    idx = PrefixIndex(capacity=64)
+    a, b, c = idx.add_node("a"), idx.add_node("b"), idx.add_node("c")
+    h = chain(5, n)
+    idx.store(a, h)
+    idx.store(b, h[: n // 2])
+    idx.store(b, h[: n // 2])                      # duplicate: found despite a's equal key
+    assert len(idx) == n + n // 2
+    assert idx.match(h, np.array([a, b, c])).tolist() == [n, n // 2, 0]
+    idx.remove(b, h)
+    assert idx.match(h, np.array([a, b, c])).tolist() == [n, 0, 0]
+    assert idx.blocks_of(a) == n and all(idx.contains(a, int(x)) for x in h)
+    idx.store(c, h[:1])
+    idx.remove(a, h[:1])
+    assert idx.contains(c, int(h[0])) and not idx.contains(a, int(h[0]))
+
+
+# -- FleetIndex -----------------------------------------------------------------------------
+def test_fleet_index_keeps_one_index_per_model_and_block_size():
+    fleet = FleetIndex()
+    assert fleet.get("m", 16) is None
+    i16 = fleet.get_or_create("m", 16)
+    assert fleet.get_or_create("m", 16) is i16
+    i32 = fleet.get_or_create("m", 32)
+    other = fleet.get_or_create("n", 16)
+    assert len({id(i16), id(i32), id(other)}) == 3 and len(fleet) == 3
+    assert dict(fleet.items())[("m", 32)] is i32
+
+
+def test_fleet_index_remove_node_drops_it_everywhere():
+    fleet = FleetIndex()
+    h = chain(1, 5)
+    for key in (("m", 16), ("n", 16)):
+        idx = fleet.get_or_create(*key)
+        idx.store(idx.add_node("x"), h)
+        idx.store(idx.add_node("y"), h)
+    fleet.remove_node("x")
+    for _, idx in fleet.items():
+        assert idx.slot_of("x") is None and len(idx) == 5
+    fleet.remove_node("never-seen")
