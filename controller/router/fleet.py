@@ -10,6 +10,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
+import time
+from collections import OrderedDict
 from dataclasses import dataclass, field
 
 import grpc
@@ -28,6 +30,33 @@ CHANNEL_OPTIONS = [
     ("grpc.keepalive_timeout_ms", 5_000),
     ("grpc.max_receive_message_length", 256 * 1024 * 1024),
 ]
+
+
+class ApproxCache:
+    """What a node probably holds, learned from the prompts this router sent it, for
+    engines that publish no KV events. Bounded by the engine's capacity in blocks (LRU)
+    and by age (``ttl_s``): an entry nobody re-used for that long has likely been
+    evicted by traffic this router did not see. O(1) per block."""
+
+    __slots__ = ("capacity", "ttl_s", "_seen")
+
+    def __init__(self, capacity: int, ttl_s: float = 600.0) -> None:
+        self.capacity, self.ttl_s = max(capacity, 1), ttl_s
+        self._seen: OrderedDict[int, float] = OrderedDict()  # block hash -> last use (monotonic s)
+
+    def learn(self, hashes: np.ndarray, now: float) -> tuple[np.ndarray, list[int]]:
+        """Records a routed prompt's blocks; returns (blocks to store, blocks to drop)."""
+        seen = self._seen
+        for h in hashes.tolist():
+            seen[h] = now
+            seen.move_to_end(h)
+        dropped = []
+        while seen and (len(seen) > self.capacity or next(iter(seen.values())) < now - self.ttl_s):
+            dropped.append(seen.popitem(last=False)[0])
+        return hashes, dropped
+
+    def __len__(self) -> int:
+        return len(self._seen)
 
 
 @dataclass(slots=True)
@@ -49,6 +78,7 @@ class NodeConn:
     last_seq: int = 0
     pending: dict[str, int] = field(default_factory=dict)  # request id -> uncached tokens sent, not yet visible
     pending_tokens: int = 0
+    approx: dict[str, ApproxCache] = field(default_factory=dict)  # model -> learned cache (no KV events)
     task: asyncio.Task | None = None
 
     @property
@@ -172,6 +202,7 @@ class Fleet:
     def _disconnect(self, conn: NodeConn) -> None:
         """The node's cache can no longer be tracked: take it out of routing and the index."""
         conn.connected = False
+        conn.approx.clear()
         for m in conn.entry.models:
             idx = self.index.get(m.name, m.block_size)
             slot = idx.slot_of(conn.entry.node_id) if idx is not None else None
@@ -227,6 +258,23 @@ class Fleet:
         conn = self.nodes.get(node_id)
         if conn is not None and request_id in conn.pending:
             conn.pending_tokens -= conn.pending.pop(request_id)
+
+    def learn(self, node_id: str, model: str, hashes: np.ndarray) -> None:
+        """Approximate tracking: a node whose engine publishes no KV events now probably
+        holds this prompt's blocks."""
+        conn = self.nodes.get(node_id)
+        entry = conn.models.get(model) if conn else None
+        if conn is None or entry is None or entry.cache_tracking != "approximate" or len(hashes) == 0:
+            return
+        idx = self.index.get(model, entry.block_size)
+        slot = idx.slot_of(node_id) if idx is not None else None
+        if slot is None:
+            return
+        cache = conn.approx.setdefault(model, ApproxCache(entry.num_blocks))
+        stored, dropped = cache.learn(hashes, time.monotonic())
+        if dropped:
+            idx.remove(slot, np.array(dropped, dtype=np.uint64))
+        idx.store(slot, stored)
 
     def mark_suspect(self, node_id: str) -> None:
         conn = self.nodes.get(node_id)

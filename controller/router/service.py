@@ -71,6 +71,7 @@ class Prepared:
 class Ranked:
     candidates: list[Candidate]
     block_size: dict[str, int]
+    hashes: dict[int, np.ndarray]   # block size -> the prompt's canonical block hashes
     hash_us: float
     decide_us: float
 
@@ -152,10 +153,12 @@ class RouterService(pbg.InferenceServicer):
             by_bs.setdefault(v.block_size, []).append(v)
         hash_s = decide_s = 0.0
         out: list[Candidate] = []
+        all_hashes: dict[int, np.ndarray] = {}
         tokens = np.asarray(p.tokens, dtype=np.uint32)
         for bs, group in by_bs.items():
             t0 = time.perf_counter()
             hashes = block_hashes(tokens, bs)
+            all_hashes[bs] = hashes
             t1 = time.perf_counter()
             index = self.fleet.index.get_or_create(p.model, bs)
             out.extend(self.policy.rank(RouteRequest(hashes, len(p.tokens), bs, p.max_tokens), group, index))
@@ -164,7 +167,7 @@ class RouterService(pbg.InferenceServicer):
         if len(by_bs) > 1:  # several block sizes: merge the groups by cost (one group keeps its policy's order)
             out.sort(key=lambda c: (not c.eligible, c.cost_s))
         DECIDE.labels(p.model).observe(hash_s + decide_s + p.tokenize_us / 1e6)
-        return Ranked(out, {v.node_id: v.block_size for v in views}, hash_s * 1e6, decide_s * 1e6)
+        return Ranked(out, {v.node_id: v.block_size for v in views}, all_hashes, hash_s * 1e6, decide_s * 1e6)
 
     # -- Generate ------------------------------------------------------------------------------
     async def Generate(self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext):
@@ -244,6 +247,9 @@ class RouterService(pbg.InferenceServicer):
                     last_error = f"{cand.node_id} closed the stream without output"
                     continue
                 ATTEMPTS.labels(cand.node_id, "ok").inc()
+                bs = ranked.block_size.get(cand.node_id)
+                if bs is not None:
+                    self.fleet.learn(cand.node_id, p.model, ranked.hashes[bs])
                 TTFT.labels(p.model).observe(time.monotonic() - t_start)
                 async for msg in self._relay(p, request, call, first, cand, attempts):
                     yield msg

@@ -75,11 +75,30 @@ def nodes_list(controller: str = ControllerOpt, json_out: bool = JsonOpt) -> Non
     console.print(t)
 
 
+async def _node_blocks(address: str) -> dict[str, list[str]]:
+    """The node's cached canonical block hashes, per model, from its state stream's snapshot."""
+    from kvfleet.v1 import node_pb2 as npb
+    from kvfleet.v1 import node_pb2_grpc as npbg
+
+    async with grpc.aio.insecure_channel(address) as ch:
+        call = npbg.NodeAgentStub(ch).WatchState(npb.WatchStateRequest(), timeout=10.0)
+        snap = await call.read()
+        call.cancel()
+    return {mb.model: [f"{h:016x}" for h in mb.block_hashes] for mb in snap.stored}
+
+
 @nodes_app.command("show")
-def nodes_show(node_id: str = typer.Argument(..., help="node id"), controller: str = ControllerOpt, json_out: bool = JsonOpt) -> None:
+def nodes_show(
+    node_id: str = typer.Argument(..., help="node id"), controller: str = ControllerOpt, json_out: bool = JsonOpt,
+    blocks: bool = typer.Option(False, "--blocks", help="also list every cached block (canonical hash), asked of the node itself"),
+) -> None:
     """One node, with the summary of its cached prefixes (chain heads and depths)."""
     n = run_rpc(lambda: _call(controller, "GetNode", pb.NodeRef(node_id=node_id)), controller)
     d = node_dict(n)
+    if blocks:
+        if not n.address:
+            fail(f"{node_id} is offline: its blocks cannot be listed")
+        d["blocks"] = run_rpc(lambda: _node_blocks(n.address), n.address)
     d["cache_summaries"] = [
         {"model": s.model, "cached_blocks": s.cached_blocks,
          "heads": [{"block_hash": f"{h.block_hash:016x}", "depth_blocks": h.depth} for h in s.heads]}
@@ -98,6 +117,10 @@ def nodes_show(node_id: str = typer.Argument(..., help="node id"), controller: s
         for h in s["heads"]:
             t.add_row(h["block_hash"], str(h["depth_blocks"]))
         console.print(t)
+    for model, hashes in d.get("blocks", {}).items():
+        console.print(f"{model}: {len(hashes)} cached blocks")
+        for i in range(0, len(hashes), 4):
+            console.print("  " + "  ".join(hashes[i : i + 4]), highlight=False)
 
 
 def _admin(method: str, node_id: str, controller: str, json_out: bool) -> pb.NodeRecord:

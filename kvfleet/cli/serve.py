@@ -100,11 +100,17 @@ def router_run(
 def node_join(
     controller: str = ControllerOpt,
     token: str = typer.Option("", "--token", envvar="KVFLEET_JOIN_TOKEN", help="join token (first join; later starts use the stored credential)"),
-    engine: str = typer.Option("sim", "--engine", help="engine kind: sim"),
-    model: str = typer.Option("kvfleet-sim", "--model", help="model name to serve"),
+    engine: str = typer.Option("sim", "--engine", help="engine kind: sim, vllm (managed: the agent runs vLLM) or openai (attach to a running server)"),
+    model: str = typer.Option("", "--model", help="sim/openai: model name to serve (sim default kvfleet-sim); vllm: model directory or name"),
+    served_name: str = typer.Option("", "--served-model-name", help="vllm: name clients use (default: the --model directory's name)"),
+    engine_arg: list[str] = typer.Option([], "--engine-arg", help="vllm: extra vLLM server argument, repeatable (e.g. --engine-arg=--max-model-len=2048)"),
+    url: str = typer.Option("", "--url", help="openai: base URL of the running server, e.g. http://127.0.0.1:8000"),
+    kv_events_endpoint: str = typer.Option("", "--kv-events-endpoint", help="openai: the server's ZMQ KV events endpoint (exact cache tracking); omit for approximate"),
+    replay_endpoint: str = typer.Option("", "--replay-endpoint", help="openai/vllm: the KV events replay endpoint, used to fill sequence gaps"),
+    tokenizer: str = typer.Option("", "--tokenizer", help="openai: Hugging Face model dir with tokenizer.json (default: the server's model path)"),
     listen: str = typer.Option("127.0.0.1:0", "--listen", envvar="KVFLEET_NODE_LISTEN", help="address the NodeAgent server binds (port 0: any)"),
     advertise: str = typer.Option("", "--advertise", envvar="KVFLEET_NODE_ADVERTISE", help="address routers dial (default: the bound --listen address)"),
-    data_dir: Path = typer.Option(Path.home() / ".local/share/kvfleet/node", "--data-dir", envvar="KVFLEET_NODE_DATA_DIR", help="where the node keeps its identity"),
+    data_dir: Path = typer.Option(Path.home() / ".local/share/kvfleet/node", "--data-dir", envvar="KVFLEET_NODE_DATA_DIR", help="where the node keeps its identity and engine logs"),
     sim_blocks: int = typer.Option(4096, "--sim-blocks", min=1, help="sim: KV capacity in blocks"),
     sim_block_size: int = typer.Option(16, "--sim-block-size", min=1, max=4096, help="sim: tokens per block"),
     sim_prefill_tps: float = typer.Option(8000.0, "--sim-prefill-tps", min=1.0, help="sim: prefill tokens per second"),
@@ -119,26 +125,68 @@ def node_join(
     _logging(verbose)
     _check_addr(controller, "--controller")
     _check_addr(listen, "--listen")
-    if engine != "sim":
-        raise typer.BadParameter(f"unknown engine {engine!r}; available: sim", param_hint="--engine")
+    if engine == "sim":
+        built = _sim_engine(model or "kvfleet-sim", sim_block_size, sim_blocks, sim_max_model_len, sim_prefill_tps, sim_decode_step_ms)
+    elif engine == "vllm":
+        built = _vllm_engine(model, served_name, engine_arg, replay_endpoint, data_dir)
+    elif engine == "openai":
+        built = _openai_engine(url, model, kv_events_endpoint, replay_endpoint, tokenizer)
+    else:
+        raise typer.BadParameter(f"unknown engine {engine!r}; available: sim, vllm, openai", param_hint="--engine")
+    cfg = AgentConfig(controller=controller, token=token, listen=listen, advertise=advertise, data_dir=data_dir)
+    try:
+        run_until_signal(lambda stop: serve(cfg, [built], stop))
+    except (JoinError, EngineError, OSError) as exc:
+        fail(str(exc))
+
+
+def _sim_engine(model: str, block_size: int, blocks: int, max_len: int, prefill_tps: float, decode_ms: float):
+    import pydantic
+
     from kvfleet.node_agent.engines.sim import SimEngine
     from kvfleet.node_agent.engines.sim_core import SimConfig
-
-    import pydantic
 
     flags = {"block_size": "--sim-block-size", "num_blocks": "--sim-blocks", "max_model_len": "--sim-max-model-len",
              "prefill_tokens_per_s": "--sim-prefill-tps", "decode_step_base_s": "--sim-decode-step-ms", "model": "--model"}
     try:
-        sim = SimEngine(SimConfig(
-            model=model, block_size=sim_block_size, num_blocks=sim_blocks, max_model_len=sim_max_model_len,
-            prefill_tokens_per_s=sim_prefill_tps, decode_step_base_s=sim_decode_step_ms / 1000.0,
+        return SimEngine(SimConfig(
+            model=model, block_size=block_size, num_blocks=blocks, max_model_len=max_len,
+            prefill_tokens_per_s=prefill_tps, decode_step_base_s=decode_ms / 1000.0,
         ))
     except pydantic.ValidationError as exc:
         first = exc.errors()[0]
         names = [flags.get(str(f), str(f)) for f in first.get("loc", ())] or ["--sim-blocks", "--sim-max-model-len"]
         fail(f"{'/'.join(names)}: {first['msg']}")
-    cfg = AgentConfig(controller=controller, token=token, listen=listen, advertise=advertise, data_dir=data_dir)
+
+
+def _vllm_engine(model: str, served_name: str, engine_args: list[str], replay_endpoint: str, data_dir: Path):
+    if not model:
+        raise typer.BadParameter("a model directory (or name) is required with --engine vllm", param_hint="--model")
     try:
-        run_until_signal(lambda stop: serve(cfg, [sim], stop))
-    except (JoinError, EngineError, OSError) as exc:
-        fail(str(exc))
+        from kvfleet.node_agent.engines.vllm_managed import ManagedVLLM, ManagedVLLMConfig
+    except ImportError as exc:
+        fail(f"--engine vllm: {exc}")
+    import pydantic
+
+    try:
+        return ManagedVLLM(ManagedVLLMConfig(
+            model=model, served_model_name=served_name or None, engine_args=engine_args,
+            log_dir=data_dir, replay=bool(replay_endpoint),
+        ))
+    except pydantic.ValidationError as exc:
+        fail(f"--engine vllm: {exc.errors()[0]['msg']}")
+
+
+def _openai_engine(url: str, model: str, kv_events_endpoint: str, replay_endpoint: str, tokenizer: str):
+    if not url:
+        raise typer.BadParameter("the server's base URL is required with --engine openai", param_hint="--url")
+    from kvfleet.node_agent.engines.openai import OpenAIEngine, OpenAIEngineConfig
+    import pydantic
+
+    try:
+        return OpenAIEngine(OpenAIEngineConfig(
+            url=url, model=model or None, kv_events_endpoint=kv_events_endpoint or None,
+            replay_endpoint=replay_endpoint or None, tokenizer=tokenizer or None,
+        ))
+    except pydantic.ValidationError as exc:
+        fail(f"--engine openai: {exc.errors()[0]['msg']}")

@@ -99,3 +99,15 @@ def test_nodes_list_json_shows_state_models_capacity_cache_and_load(cluster):
         assert set(n["load"]) >= {"running", "waiting", "kv_usage", "queued_prefill_tokens"}
         assert n["cached_blocks"] >= 0
     assert any(by_id[n]["cached_blocks"] > 0 for n in cluster.nodes)
+
+
+def test_nodes_show_blocks_lists_exactly_the_canonical_blocks_the_engine_stored(cluster):
+    from kvfleet.hashing import block_hashes
+
+    prompt = text(11, 700)
+    _, usage = cluster.generate(prompt, max_tokens=2)
+    r = cluster.cli("nodes", "show", usage.node_id, "--blocks", "--json", check=True)
+    d = json.loads(r.stdout)
+    held = set(d["blocks"]["kvfleet-sim"])
+    expected = {f"{h:016x}" for h in block_hashes(list(prompt.encode()), 16).tolist()}
+    assert expected <= held
