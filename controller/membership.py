@@ -14,6 +14,7 @@ import secrets
 import time
 from dataclasses import dataclass, field
 
+from kvfleet.hashing import MAX_BLOCK_SIZE
 from kvfleet.controller.registry import (
     AdminEntry,
     AdminState,
@@ -142,6 +143,12 @@ class Membership:
             raise ValueError("address is required")
         if not models:
             raise ValueError("a node must serve at least one model")
+        for m in models:
+            if not 1 <= m.block_size <= MAX_BLOCK_SIZE:
+                raise ValueError(
+                    f"model {m.name!r}: block size {m.block_size} cannot be indexed by the router "
+                    f"(supported: 1..{MAX_BLOCK_SIZE} tokens per block)"
+                )
         new_credential = ""
         if node_id and credential:
             await self.authenticate(node_id, credential)

@@ -27,6 +27,9 @@ from typing import NewType, Sequence
 
 import numpy as np
 
+MAX_BLOCK_SIZE = 4096
+"""The largest block size (tokens) the canonical hash, and so the router's index, supports."""
+
 BlockHash = NewType("BlockHash", int)
 """A canonical block hash: an unsigned 64-bit int, never 0."""
 
@@ -82,7 +85,7 @@ class _Tables:
     """Per-position multipliers ``R_k`` and powers of ``P`` / ``P_INV``, grown on demand."""
 
     def __init__(self) -> None:
-        self.r = np.array(_splitmix_sequence(4096, 0x5EED), dtype=_U64)
+        self.r = np.array(_splitmix_sequence(MAX_BLOCK_SIZE, 0x5EED), dtype=_U64)
         self.p_pow = np.empty(0, dtype=_U64)
         self.p_inv_pow = np.empty(0, dtype=_U64)
         self._grow(1024)

@@ -204,6 +204,15 @@ def test_wrong_expired_and_revoked_tokens_are_unauthenticated(fleet):
     assert r.returncode == 1 and "join token is not valid" in r.stderr
 
 
+def test_join_rejects_a_block_size_the_router_cannot_index(fleet):
+    req = cpb.JoinRequest(token=fleet.create_token(), address="127.0.0.1:1",
+                          models=[compb.ModelInfo(name="m", block_size=0)])
+    with pytest.raises(grpc.RpcError) as err:
+        fleet.ctl().Join(req, timeout=10)
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "block size 0 cannot be indexed" in err.value.details()
+
+
 def test_restarted_agent_rejoins_as_the_same_node_with_its_credential(fleet):
     data = fleet.tmp / "nodes" / "phoenix"
     node_id, proc = fleet.start_node("phoenix", data_dir=data)
