@@ -53,9 +53,10 @@ class Identity(BaseModel):
 class NodeAgent:
     def __init__(self, cfg: AgentConfig, engines: list[Engine]) -> None:
         self.cfg = cfg
-        self.engines = {e.info.name: e for e in engines}
+        self._engine_list = engines
+        self.engines: dict[str, Engine] = {}        # by model name, once started (info may need the engine up)
         self.node_id = ""
-        self.trackers = {e.info.name: BlockTracker(e.info.name, e.info.block_size) for e in engines}
+        self.trackers: dict[str, BlockTracker] = {}
         self.service: NodeAgentService | None = None
         self.publisher = StatePublisher(
             self.trackers, load=self._load, ready=lambda: all(e.ready for e in engines),
@@ -96,9 +97,25 @@ class NodeAgent:
 
     # -- lifecycle ---------------------------------------------------------------------------------
     async def start(self) -> None:
-        for name, engine in self.engines.items():
-            engine.set_event_sink(lambda seq, batch, name=name: self.publisher.on_kv_events(name, seq, batch))
+        for engine in self._engine_list:
+            # The sink is set before start so that no event is missed. Until start()
+            # returns (and tells us the model's name and block size) events are held.
+            held: list = []
+            name: list[str] = []
+
+            def sink(seq, batch, held=held, name=name) -> None:
+                if name:
+                    self.publisher.on_kv_events(name[0], seq, batch)
+                else:
+                    held.append((seq, batch))
+
+            engine.set_event_sink(sink)
             await engine.start()
+            self.engines[engine.info.name] = engine
+            self.trackers[engine.info.name] = BlockTracker(engine.info.name, engine.info.block_size)
+            name.append(engine.info.name)
+            for seq, batch in held:
+                self.publisher.on_kv_events(engine.info.name, seq, batch)
         self.service = NodeAgentService(lambda: self.node_id, self.engines, self.publisher)
         self.server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
         npbg.add_NodeAgentServicer_to_server(self.service, self.server)

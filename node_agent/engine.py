@@ -2,7 +2,7 @@
 
 An engine serves one model. The agent calls ``generate`` per request and learns the
 engine's cache through KV events in vLLM's format, pushed to the sink it registers.
-Implementations: ``engines.sim`` (here), vLLM managed and attached (a later issue).
+Implementations: ``engines.sim``, ``engines.openai`` (an attached OpenAI-compatible server).
 """
 
 from __future__ import annotations
@@ -47,7 +47,8 @@ class EngineOutput:
     new_token_ids: list[int]
     finished: bool = False
     finish_reason: str | None = None        # "length", "stop" or "abort" when finished
-    num_cached_tokens: int | None = None    # prompt tokens served from cache; set on the first output
+    num_cached_tokens: int | None = None    # prompt tokens served from cache; set on one output: the
+                                            # first, or the last if the engine reports it only at the end
 
 
 @dataclass(frozen=True, slots=True)
@@ -64,6 +65,11 @@ EventSink = Callable[[int, KVEventBatch], None]
 
 class EngineError(Exception):
     """The engine cannot serve a request; the message is safe to show to a client."""
+
+
+class EngineUnavailable(EngineError):
+    """The engine cannot be reached or failed on its side (connection refused or lost,
+    timeout, HTTP 5xx): the request was not at fault, and another node may serve it."""
 
 
 class Engine(abc.ABC):

@@ -8,7 +8,7 @@ import logging
 import grpc
 from prometheus_client import Counter
 
-from kvfleet.node_agent.engine import Engine, EngineError, EngineRequest
+from kvfleet.node_agent.engine import Engine, EngineError, EngineRequest, EngineUnavailable
 from kvfleet.node_agent.state import StatePublisher, Update
 from kvfleet.v1 import common_pb2 as cpb
 from kvfleet.v1 import node_pb2 as pb
@@ -84,6 +84,9 @@ class NodeAgentService(pbg.NodeAgentServicer):
         try:
             try:
                 out = await first
+            except EngineUnavailable as exc:
+                outcome = "unavailable"
+                await context.abort(grpc.StatusCode.UNAVAILABLE, str(exc))
             except EngineError as exc:
                 outcome = "invalid"
                 await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
@@ -102,6 +105,9 @@ class NodeAgentService(pbg.NodeAgentServicer):
                     return
                 try:
                     out = await outputs.__anext__()
+                except EngineError as exc:
+                    outcome = "error"
+                    await context.abort(grpc.StatusCode.UNAVAILABLE, f"engine failed mid-stream: {exc}")
                 except StopAsyncIteration:
                     outcome = "error"
                     await context.abort(grpc.StatusCode.INTERNAL, "engine stream ended without a final output")
