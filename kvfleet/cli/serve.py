@@ -34,6 +34,8 @@ def _check_addr(value: str, flag: str) -> str:
 def _logging(verbose: bool) -> None:
     logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # An attached engine polls /health and /metrics several times a second.
+    logging.getLogger("httpx").setLevel(logging.WARNING)
 
 
 @controller_app.command("run")
@@ -106,7 +108,8 @@ def node_join(
     engine_arg: list[str] = typer.Option([], "--engine-arg", help="vllm: extra vLLM server argument, repeatable (e.g. --engine-arg=--max-model-len=2048)"),
     url: str = typer.Option("", "--url", help="openai: base URL of the running server, e.g. http://127.0.0.1:8000"),
     kv_events_endpoint: str = typer.Option("", "--kv-events-endpoint", help="openai: the server's ZMQ KV events endpoint (exact cache tracking); omit for approximate"),
-    replay_endpoint: str = typer.Option("", "--replay-endpoint", help="openai/vllm: the KV events replay endpoint, used to fill sequence gaps"),
+    replay_endpoint: str = typer.Option("", "--replay-endpoint", help="openai: the server's KV events replay endpoint, used to fill sequence gaps"),
+    kv_replay: bool = typer.Option(False, "--kv-replay", help="vllm: open vLLM's KV events replay endpoint and fill sequence gaps from it"),
     tokenizer: str = typer.Option("", "--tokenizer", help="openai: Hugging Face model dir with tokenizer.json (default: the server's model path)"),
     listen: str = typer.Option("127.0.0.1:0", "--listen", envvar="KVFLEET_NODE_LISTEN", help="address the NodeAgent server binds (port 0: any)"),
     advertise: str = typer.Option("", "--advertise", envvar="KVFLEET_NODE_ADVERTISE", help="address routers dial (default: the bound --listen address)"),
@@ -128,7 +131,7 @@ def node_join(
     if engine == "sim":
         built = _sim_engine(model or "kvfleet-sim", sim_block_size, sim_blocks, sim_max_model_len, sim_prefill_tps, sim_decode_step_ms)
     elif engine == "vllm":
-        built = _vllm_engine(model, served_name, engine_arg, replay_endpoint, data_dir)
+        built = _vllm_engine(model, served_name, engine_arg, kv_replay, data_dir)
     elif engine == "openai":
         built = _openai_engine(url, model, kv_events_endpoint, replay_endpoint, tokenizer)
     else:
@@ -159,7 +162,7 @@ def _sim_engine(model: str, block_size: int, blocks: int, max_len: int, prefill_
         fail(f"{'/'.join(names)}: {first['msg']}")
 
 
-def _vllm_engine(model: str, served_name: str, engine_args: list[str], replay_endpoint: str, data_dir: Path):
+def _vllm_engine(model: str, served_name: str, engine_args: list[str], replay: bool, data_dir: Path):
     if not model:
         raise typer.BadParameter("a model directory (or name) is required with --engine vllm", param_hint="--model")
     try:
@@ -171,7 +174,7 @@ def _vllm_engine(model: str, served_name: str, engine_args: list[str], replay_en
     try:
         return ManagedVLLM(ManagedVLLMConfig(
             model=model, served_model_name=served_name or None, engine_args=engine_args,
-            log_dir=data_dir, replay=bool(replay_endpoint),
+            log_dir=data_dir, replay=replay,
         ))
     except pydantic.ValidationError as exc:
         fail(f"--engine vllm: {exc.errors()[0]['msg']}")

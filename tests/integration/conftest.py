@@ -196,12 +196,13 @@ class Cluster:
         self.etcd.proc.stop()
 
 
-def start_cluster(tmp: Path, n_nodes: int, node_args: tuple[str, ...] = ()) -> Cluster:
+def start_cluster(tmp: Path, n_nodes: int, node_args: tuple[str, ...] = (),
+                  first_token_timeout: float = FIRST_TOKEN_TIMEOUT) -> Cluster:
     etcd = start_etcd(tmp)
     controller, router = f"127.0.0.1:{free_port()}", f"127.0.0.1:{free_port()}"
     cproc = spawn("controller", KVFLEET + [
         "controller", "run", "--etcd", etcd.endpoint, "--listen", controller, "--router-listen", router,
-        "--lease-ttl", str(LEASE_TTL), "--first-token-timeout", str(FIRST_TOKEN_TIMEOUT),
+        "--lease-ttl", str(LEASE_TTL), "--first-token-timeout", str(first_token_timeout),
     ], tmp)
     c = Cluster(tmp, etcd, controller, router, cproc)
     try:
