@@ -8,6 +8,7 @@ from kvfleet.cli.admin import nodes_app, tokens_app
 from kvfleet.cli.infer import generate, route_app
 from kvfleet.cli.serve import controller_app, node_app, router_app
 from kvfleet.cli.up import up
+from kvfleet.controller.sim.cli import bench_app
 
 app = typer.Typer(help="kvfleet: prefix-cache-aware GPU fleet orchestration for LLM inference.",
                   no_args_is_help=True, pretty_exceptions_enable=False)
@@ -19,6 +20,7 @@ app.add_typer(route_app, name="route")
 app.add_typer(node_app, name="node")
 app.add_typer(controller_app, name="controller")
 app.add_typer(router_app, name="router")
+app.add_typer(bench_app, name="bench")
 
 
 def main() -> None:

@@ -1,0 +1,97 @@
+"""``kvfleet bench routing``: every policy on the same workload, in one simulated run each."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+bench_app = typer.Typer(help="Benchmarks that need no cluster.", no_args_is_help=True)
+
+DEFAULT_POLICIES = "kvfleet,round_robin,least_loaded,prefix_hash,sglang,dynamo,llmd,preble"
+
+
+def run_bench(*, trace: Optional[str], fmt: str, workload: Optional[str], requests: Optional[int], nodes: int,
+              preset: str, load: float, policies: list[str], block_size: int = 16, kv_delay_ms: float = 0.0,
+              seed: int = 0) -> dict:
+    """Runs every policy on the same workload; returns the JSON-able report."""
+    import kvfleet.controller.sim.baselines  # noqa: F401  (registers the baselines)
+    from kvfleet.controller.router.policy import POLICIES
+    from kvfleet.controller.sim.des import capacity_scale, simulate, trace_stats
+    from kvfleet.controller.sim.presets import preset_config
+    from kvfleet.controller.sim.workloads import load_workload
+
+    unknown = [p for p in policies if p not in POLICIES]
+    if unknown:
+        raise typer.BadParameter(f"unknown policies {unknown}; known: {', '.join(sorted(POLICIES))}",
+                                 param_hint="--policies")
+    try:
+        config = preset_config(preset, block_size=block_size)
+        wl = load_workload(trace=trace, fmt=fmt, workload=workload, requests=requests, seed=seed)
+    except ValueError as e:
+        raise typer.BadParameter(str(e)) from e
+    stats = trace_stats(wl, config, nodes)
+    scale = capacity_scale(stats, nodes, load)
+    results = []
+    for p in policies:
+        results.append(simulate(wl, p, config, nodes, time_scale=scale, kv_delay_s=kv_delay_ms / 1e3).summary())
+    return {
+        "workload": {"trace": trace, "format": fmt if trace else None, "workload": workload, "requests": stats.requests,
+                     "prompt_tokens": stats.prompt_tokens, "output_tokens": stats.output_tokens},
+        "nodes": nodes, "preset": preset, "config": config.model_dump(), "load": load,
+        "time_scale": scale, "offered_work_node_s": stats.work_s,
+        "bounds": {"infinite_cache_hit_rate": stats.infinite_hit_rate,
+                   "pooled_lru_hit_rate": stats.pooled_lru_hit_rate},
+        "policies": results,
+    }
+
+
+def print_report(report: dict, console: Console) -> None:
+    b = report["bounds"]
+    w = report["workload"]
+    console.print(
+        f"{w['trace'] or w['workload']}: {w['requests']} requests, {report['nodes']} x {report['preset']}, "
+        f"load {report['load']} (arrivals x {report['time_scale']:.4g}); "
+        f"bounds: infinite-cache hit rate {b['infinite_cache_hit_rate']:.3f}, "
+        f"pooled-LRU {b['pooled_lru_hit_rate']:.3f}")
+    t = Table()
+    for col in ("policy", "hit rate", "TTFT mean ms", "p50", "p90", "p99", "e2e p99 s", "req/s", "out tok/s",
+                "imbalance", "preempt", "wall s"):
+        t.add_column(col, justify="left" if col == "policy" else "right")
+    ms = (lambda x: "-" if math.isnan(x) else f"{x * 1e3:.1f}")
+    for r in report["policies"]:
+        t.add_row(r["policy"], f"{r['hit_rate']:.3f}", ms(r["ttft_mean_s"]), ms(r["ttft_p50_s"]), ms(r["ttft_p90_s"]),
+                  ms(r["ttft_p99_s"]), f"{r['e2e_p99_s']:.2f}", f"{r['throughput_req_s']:.2f}",
+                  f"{r['throughput_out_tok_s']:.0f}", f"{r['load_imbalance']:.3f}", str(r["preemptions"]),
+                  f"{r['wall_s']:.1f}")
+    console.print(t)
+
+
+@bench_app.command("routing")
+def routing(
+    trace: Optional[str] = typer.Option(None, "--trace", help="Trace file to replay (see --format)."),
+    fmt: str = typer.Option("mooncake", "--format", help="Trace format: mooncake (JSONL) or azure (CSV)."),
+    workload: Optional[str] = typer.Option(None, "--workload", help="Generated workload: chat or shared-prefix."),
+    requests: Optional[int] = typer.Option(
+        None, "--requests", min=1, help="Use at most this many requests (chat: default 2,000; shared-prefix: all 1,024)."),
+    nodes: int = typer.Option(8, "--nodes", min=1, help="Simulated nodes."),
+    preset: str = typer.Option("h100-llama3-8b", "--preset", help="Engine preset (GPU and model)."),
+    load: float = typer.Option(0.8, "--load", min=0.01, help="Offered work as a fraction of fleet capacity."),
+    policies: str = typer.Option(DEFAULT_POLICIES, "--policies", help="Comma-separated policy names."),
+    block_size: int = typer.Option(16, "--block-size", min=1, help="KV block size, tokens."),
+    kv_delay_ms: float = typer.Option(0.0, "--kv-delay-ms", min=0, help="KV event delay to the index, ms."),
+    seed: int = typer.Option(0, "--seed", help="Seed of generated workloads and synthetic prefixes."),
+    json_out: Optional[Path] = typer.Option(None, "--json", help="Write the full report here as JSON."),
+) -> None:
+    """Simulate every policy on one workload (virtual time, real policy and index code)."""
+    report = run_bench(trace=trace, fmt=fmt, workload=workload, requests=requests, nodes=nodes, preset=preset,
+                       load=load, policies=[p.strip() for p in policies.split(",") if p.strip()],
+                       block_size=block_size, kv_delay_ms=kv_delay_ms, seed=seed)
+    print_report(report, Console(width=max(Console().width, 150)))
+    if json_out is not None:
+        json_out.write_text(json.dumps(report, indent=1, default=float))
