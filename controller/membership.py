@@ -166,12 +166,15 @@ class Membership:
 
         entry = NodeEntry(node_id=node_id, address=address, hostname=hostname, models=models, joined_unix_ms=now_ms())
         async with self._lock:
-            old = self.live.pop(node_id, None)
-            if old is not None:
-                await self.registry.revoke_lease(old.lease_id)
+            # Put the record on the new lease first, then revoke the old one: the key
+            # moves between leases without ever being deleted, so routers never see a
+            # rejoining node leave (which would cut its in-flight streams).
+            old = self.live.get(node_id)
             lease = await self.registry.grant_lease(self.lease_ttl_s)
             await self.registry.put_node(entry, lease)
             self.live[node_id] = LiveNode(entry=entry, lease_id=lease, last_heartbeat_ms=now_ms())
+            if old is not None and old.lease_id != lease:
+                await self.registry.revoke_lease(old.lease_id)
         log.info("node %s joined from %s serving %s", node_id, address, [m.name for m in models])
         return node_id, new_credential
 
@@ -186,12 +189,19 @@ class Membership:
         node = self.live.get(node_id)
         if node is None:
             raise NotFound(f"node {node_id} is not joined")
-        if not await self.registry.refresh_lease(node.lease_id):
-            # Lease expired (e.g. etcd or controller stall): re-establish the record.
+        try:
+            alive = await self.registry.refresh_lease(node.lease_id)
+        except Exception as exc:  # etcd slow or unreachable: a missed keep-alive, not the node's fault
+            log.warning("lease keep-alive for %s failed: %s", node_id, exc)
+            alive = True
+        if not alive:
+            # Lease expired (e.g. etcd or controller stall): re-establish the record,
+            # unless a concurrent join already replaced this node's lease.
             async with self._lock:
-                node.lease_id = await self.registry.grant_lease(self.lease_ttl_s)
-                await self.registry.put_node(node.entry, node.lease_id)
-                node.summary_written_at = 0.0
+                if self.live.get(node_id) is node:
+                    node.lease_id = await self.registry.grant_lease(self.lease_ttl_s)
+                    await self.registry.put_node(node.entry, node.lease_id)
+                    node.summary_written_at = 0.0
         node.ready, node.load, node.last_heartbeat_ms = ready, load, now_ms()
         if summaries is not None and (node.summaries is None or summaries.summaries != node.summaries.summaries):
             node.summary_pending = summaries

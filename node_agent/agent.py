@@ -87,6 +87,9 @@ class NodeAgent:
             return Identity.model_validate_json(self._identity_path.read_text())
         except FileNotFoundError:
             return None
+        except ValueError as exc:  # truncated or corrupt: join afresh with the token
+            log.warning("ignoring unreadable identity %s: %s", self._identity_path, exc)
+            return None
 
     def _write_identity(self, ident: Identity) -> None:
         self.cfg.data_dir.mkdir(parents=True, exist_ok=True)
@@ -165,6 +168,12 @@ class NodeAgent:
                     resp = await cpbg.ControllerStub(ch).Join(req, timeout=10.0)
                     break
                 except grpc.aio.AioRpcError as exc:
+                    if exc.code() == grpc.StatusCode.UNAUTHENTICATED and req.credential and self.cfg.token:
+                        # The stored credential is unknown here (e.g. a rebuilt control
+                        # plane): a join token was given, so join as a new node.
+                        log.warning("stored identity %s refused (%s); joining with the token", req.node_id, exc.details())
+                        req.node_id, req.credential, req.token = "", "", self.cfg.token
+                        continue
                     if exc.code() in (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.INVALID_ARGUMENT):
                         raise JoinError(f"controller {self.cfg.controller} refused to join: {exc.details()}") from exc
                     if first:

@@ -71,17 +71,19 @@ class NodeAgentService(pbg.NodeAgentServicer):
             top_p=s.top_p if s.HasField("top_p") else 1.0, seed=s.seed if s.HasField("seed") else None,
             stop_token_ids=list(s.stop_token_ids), priority=TIER_PRIORITY.get(request.tier, 1),
         )
-        self.inflight += 1
-        self.publisher.poke()
-        outputs = engine.generate(ereq)
-        first = asyncio.ensure_future(outputs.__anext__())
-        await asyncio.sleep(0)  # let the engine admit the request before announcing it
-        self.publisher.on_accepted(request.request_id)
         prompt_tokens = len(ereq.prompt_token_ids)
         cached = 0
         completion = 0
         outcome = "cancelled"
+        self.inflight += 1
+        self.publisher.poke()
+        outputs = engine.generate(ereq)
+        first = asyncio.ensure_future(outputs.__anext__())
         try:
+            # Let the engine admit the request before announcing it (a cancel here is
+            # cleaned up by the finally below).
+            await asyncio.sleep(0)
+            self.publisher.on_accepted(request.request_id)
             try:
                 out = await first
             except EngineUnavailable as exc:

@@ -251,8 +251,8 @@ class Fleet:
     def add_pending(self, node_id: str, request_id: str, tokens: int) -> None:
         conn = self.nodes.get(node_id)
         if conn is not None:
+            conn.pending_tokens += tokens - conn.pending.get(request_id, 0)
             conn.pending[request_id] = tokens
-            conn.pending_tokens += tokens
 
     def drop_pending(self, node_id: str, request_id: str) -> None:
         conn = self.nodes.get(node_id)

@@ -22,6 +22,7 @@ from kvfleet.hashing import block_hashes
 from kvfleet.tokenizer import IncrementalDetokenizer, Tokenizer
 from kvfleet.controller.router.fleet import Fleet
 from kvfleet.controller.router.policy import Candidate, RouteRequest, get_policy
+from kvfleet.controller.router.stops import StopMatcher
 from kvfleet.controller.router.tokenizers import TokenizerCache, TokenizerUnavailable
 from kvfleet.v1 import common_pb2 as cpb
 from kvfleet.v1 import inference_pb2 as pb
@@ -214,7 +215,9 @@ class RouterService(pbg.InferenceServicer):
             if remaining is not None and remaining <= 0:
                 raise RequestError(grpc.StatusCode.DEADLINE_EXCEEDED, "deadline exceeded before a node answered")
             node_req = npb.NodeGenerateRequest(
-                request_id=f"{p.request_id}/{attempts}", model=p.model, prompt_token_ids=p.tokens,
+                # Unique per attempt even when clients reuse request ids: the node's
+                # engine and this router's pending count are keyed by it.
+                request_id=f"{p.request_id}/{uuid.uuid4().hex[:12]}/{attempts}", model=p.model, prompt_token_ids=p.tokens,
                 sampling=request.sampling, tier=p.tier,
             )
             self.fleet.add_pending(cand.node_id, node_req.request_id, cand.uncached_tokens)
@@ -262,8 +265,7 @@ class RouterService(pbg.InferenceServicer):
 
     async def _relay(self, p: Prepared, request: pb.GenerateRequest, call, first, cand: Candidate, attempts: int):
         detok = IncrementalDetokenizer(p.tokenizer)
-        stops = list(request.sampling.stop)
-        text_so_far = ""
+        stops = StopMatcher(list(request.sampling.stop))
         completion = 0
         msg = first
         while True:
@@ -273,41 +275,32 @@ class RouterService(pbg.InferenceServicer):
             if kind == "tokens":
                 ids = list(msg.tokens.ids)
                 completion += len(ids)
-                delta = detok.push(ids)
-                if stops and delta:
-                    hit = self._find_stop(text_so_far, delta, stops)
-                    if hit is not None:
-                        yield pb.GenerateResponse(chunk=pb.TokenChunk(token_ids=ids, text=delta[:hit]))
-                        call.cancel()
-                        yield self._usage(p, cand, completion, None, "stop", attempts)
-                        return
-                text_so_far += delta
-                yield pb.GenerateResponse(chunk=pb.TokenChunk(token_ids=ids, text=delta))
+                text, stopped = stops.feed(detok.push(ids))
+                yield pb.GenerateResponse(chunk=pb.TokenChunk(token_ids=ids, text=text))
+                if stopped:
+                    call.cancel()
+                    yield self._usage(p, cand, completion, None, "stop", attempts)
+                    return
             elif kind == "final":
-                tail = detok.flush()
-                if tail:
-                    yield pb.GenerateResponse(chunk=pb.TokenChunk(token_ids=[], text=tail))
-                yield self._usage(p, cand, msg.final.completion_tokens, msg.final,
-                                  {v: k for k, v in FINISH.items()}.get(msg.final.finish_reason, "length"), attempts)
+                text, stopped = stops.feed(detok.flush())
+                if not stopped:
+                    text += stops.flush()
+                if text:
+                    yield pb.GenerateResponse(chunk=pb.TokenChunk(token_ids=[], text=text))
+                reason = "stop" if stopped else {v: k for k, v in FINISH.items()}.get(msg.final.finish_reason, "length")
+                yield self._usage(p, cand, msg.final.completion_tokens, msg.final, reason, attempts)
                 return
             try:
                 msg = await call.read()
             except grpc.aio.AioRpcError as exc:
                 # Tokens already reached the client: no silent retry (a later issue continues mid-stream).
-                raise RequestError(grpc.StatusCode.UNAVAILABLE,
-                                   f"{cand.node_id} failed mid-stream after {completion} tokens: {exc.code().name}") from exc
-
-    @staticmethod
-    def _find_stop(before: str, delta: str, stops: list[str]) -> int | None:
-        """Index in ``delta`` where the earliest stop string starts, if one completes here."""
-        window = before[-max(len(s) for s in stops):] + delta
-        best = None
-        for s in stops:
-            i = window.find(s)
-            if i >= 0:
-                pos = max(i - (len(window) - len(delta)), 0)
-                best = pos if best is None else min(best, pos)
-        return best
+                code = exc.code()
+                if code == grpc.StatusCode.DEADLINE_EXCEEDED:
+                    raise RequestError(code, f"deadline exceeded after {completion} tokens") from exc
+                raise RequestError(
+                    grpc.StatusCode.UNAVAILABLE if code in RETRYABLE else code,
+                    f"{cand.node_id} failed mid-stream after {completion} tokens: {code.name} {exc.details() or ''}".rstrip(),
+                ) from exc
 
     def _usage(self, p: Prepared, cand: Candidate, completion: int, final, reason: str, attempts: int):
         cached = final.cached_prompt_tokens if final is not None else 0

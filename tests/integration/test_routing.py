@@ -111,3 +111,28 @@ def test_nodes_show_blocks_lists_exactly_the_canonical_blocks_the_engine_stored(
     held = set(d["blocks"]["kvfleet-sim"])
     expected = {f"{h:016x}" for h in block_hashes(list(prompt.encode()), 16).tolist()}
     assert expected <= held
+
+
+def test_stop_string_ends_the_stream_and_never_reaches_the_client(cluster):
+    from kvfleet.v1 import common_pb2 as compb
+    from kvfleet.v1 import inference_pb2 as ipb
+
+    def run(stop: list[str]):
+        req = ipb.GenerateRequest(model="kvfleet-sim", text="tell me a story")
+        req.sampling.max_tokens = 60
+        req.sampling.seed = 7
+        req.sampling.stop.extend(stop)
+        out, usage = [], None
+        for msg in cluster.inf().Generate(req, timeout=30):
+            if msg.HasField("chunk"):
+                out.append(msg.chunk.text)
+            else:
+                usage = msg.usage
+        return "".join(out), usage
+
+    full, usage = run([])
+    assert usage.finish_reason == compb.FINISH_REASON_LENGTH and len(full) == 60
+    stop = full[20:24]
+    cut, usage = run([stop])
+    assert cut == full[: full.find(stop)]
+    assert usage.finish_reason == compb.FINISH_REASON_STOP
