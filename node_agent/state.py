@@ -59,8 +59,9 @@ class StatePublisher:
     def __init__(
         self, trackers: dict[str, BlockTracker], load: Callable[[], LoadSnapshot],
         ready: Callable[[], bool], inflight: Callable[[], int],
-        interval_s: float = 0.02, keepalive_s: float = 1.0,
+        interval_s: float = 0.02, keepalive_s: float = 1.0, max_backlog: int = 1000,
     ) -> None:
+        self.max_backlog = max_backlog  # updates queued per subscriber before it is cut off
         self.trackers = trackers
         self._load, self._ready, self._inflight = load, ready, inflight
         self.interval_s, self.keepalive_s = interval_s, keepalive_s
@@ -126,7 +127,7 @@ class StatePublisher:
         )
 
     async def subscribe(self) -> AsyncIterator[Update]:
-        q: asyncio.Queue = asyncio.Queue()
+        q: asyncio.Queue = asyncio.Queue(maxsize=self.max_backlog)
         # Snapshot and registration happen with no await between them: nothing is missed.
         first = self._make(snapshot=True)
         self._subscribers.add(q)
@@ -140,6 +141,21 @@ class StatePublisher:
         finally:
             self._subscribers.discard(q)
 
+    def publish(self) -> None:
+        """Sends one update (the changes since the last) to every subscriber."""
+        update = self._make(snapshot=False)
+        for q in list(self._subscribers):
+            try:
+                q.put_nowait(update)
+            except asyncio.QueueFull:
+                # A subscriber this far behind gets its stream ended instead of
+                # unbounded memory here; it resubscribes and starts from a snapshot.
+                log.warning("state subscriber %d updates behind: ending its stream", q.qsize())
+                self._subscribers.discard(q)
+                while not q.empty():
+                    q.get_nowait()
+                q.put_nowait(None)
+
     async def run(self) -> None:
         """Publishes whenever something changed, at most every ``interval_s``; a
         keepalive update every ``keepalive_s`` lets routers see the node is alive."""
@@ -151,9 +167,7 @@ class StatePublisher:
             except asyncio.TimeoutError:
                 pass
             self._dirty.clear()
-            update = self._make(snapshot=False)
-            for q in list(self._subscribers):
-                q.put_nowait(update)
+            self.publish()
             now = loop.time()
             wait = self.interval_s - (now - last)
             last = now
