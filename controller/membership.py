@@ -95,6 +95,7 @@ class Membership:
         self.live: dict[str, LiveNode] = {}
         self.admin: dict[str, AdminEntry] = {}
         self._lock = asyncio.Lock()
+        self._admin_locks: dict[str, asyncio.Lock] = {}
 
     async def load_state(self) -> None:
         self.admin = await self.registry.list_admin()
@@ -226,24 +227,36 @@ class Membership:
     async def set_admin(self, node_id: str, state: AdminState) -> None:
         if node_id not in self.live and await self.registry.get_identity(node_id) is None:
             raise NotFound(f"no node {node_id!r}")
+        async with self._admin_lock(node_id):
+            await self._write_admin(node_id, state)
+        if state == "draining":
+            await self._advance_drain(node_id)
+
+    def _admin_lock(self, node_id: str) -> asyncio.Lock:
+        # Admin changes of one node are serialised: the automatic draining -> drained
+        # step must not overwrite an operator's cordon/uncordon issued meanwhile.
+        return self._admin_locks.setdefault(node_id, asyncio.Lock())
+
+    async def _write_admin(self, node_id: str, state: AdminState) -> None:
         entry = AdminEntry(state=state, updated_unix_ms=now_ms())
         await self.registry.put_admin(node_id, entry)
         self.admin[node_id] = entry
-        if state == "draining":
-            await self._advance_drain(node_id)
 
     async def _advance_drain(self, node_id: str) -> None:
         """draining -> drained once the node reports nothing in flight, in a heartbeat
         sent a full heartbeat interval after the drain began (so that it counts every
         request routers sent before they saw the drain)."""
-        admin = self.admin.get(node_id, AdminEntry())
-        if admin.state != "draining":
+        if self.admin.get(node_id, AdminEntry()).state != "draining":
             return
-        node = self.live.get(node_id)
-        fresh = node is not None and node.last_heartbeat_ms >= admin.updated_unix_ms + self.heartbeat_interval_ms
-        if node is None or (fresh and not node.load.busy):
-            await self.set_admin(node_id, "drained")
-            log.info("node %s drained", node_id)
+        async with self._admin_lock(node_id):
+            admin = self.admin.get(node_id, AdminEntry())  # re-read: an operator may have acted
+            if admin.state != "draining":
+                return
+            node = self.live.get(node_id)
+            fresh = node is not None and node.last_heartbeat_ms >= admin.updated_unix_ms + self.heartbeat_interval_ms
+            if node is None or (fresh and not node.load.busy):
+                await self._write_admin(node_id, "drained")
+                log.info("node %s drained", node_id)
 
     def state_of(self, node_id: str) -> str:
         admin = self.admin.get(node_id, AdminEntry()).state
