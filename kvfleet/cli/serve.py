@@ -15,6 +15,17 @@ node_app = typer.Typer(help="Run a node agent on this machine.", no_args_is_help
 
 EtcdOpt = typer.Option("127.0.0.1:2379", "--etcd", envvar="KVFLEET_ETCD", help="etcd endpoints, comma-separated host:port (an http:// prefix is accepted)")
 PrefixOpt = typer.Option("/kvfleet", "--prefix", envvar="KVFLEET_PREFIX", help="registry key prefix in etcd")
+PolicyOpt = typer.Option("kvfleet", "--policy", envvar="KVFLEET_POLICY", help="routing policy")
+FirstTokenTimeoutOpt = typer.Option(5.0, "--first-token-timeout", min=0.1, envvar="KVFLEET_FIRST_TOKEN_TIMEOUT",
+                                    help="seconds beyond the estimated TTFT before retrying on another node")
+MetricsOpt = typer.Option("", "--metrics-listen", envvar="KVFLEET_METRICS_LISTEN", help="host:port for Prometheus /metrics (empty: off)")
+
+
+def _check_policy(policy: str) -> None:
+    from kvfleet.controller.router.policy import POLICIES
+
+    if policy not in POLICIES:
+        raise typer.BadParameter(f"unknown policy {policy!r}; choose from {', '.join(POLICIES)}", param_hint="--policy")
 
 
 def _endpoints(value: str) -> list[str]:
@@ -47,9 +58,9 @@ def controller_run(
     lease_ttl: int = typer.Option(5, "--lease-ttl", min=1, envvar="KVFLEET_LEASE_TTL", help="seconds without heartbeats before a node leaves routing"),
     router: bool = typer.Option(True, "--router/--no-router", help="also run a router in this process"),
     router_listen: str = typer.Option("127.0.0.1:50051", "--router-listen", envvar="KVFLEET_ROUTER_LISTEN", help="address the in-process router binds"),
-    policy: str = typer.Option("kvfleet", "--policy", envvar="KVFLEET_POLICY", help="routing policy"),
-    first_token_timeout: float = typer.Option(5.0, "--first-token-timeout", min=0.1, envvar="KVFLEET_FIRST_TOKEN_TIMEOUT", help="seconds beyond the estimated TTFT before retrying on another node"),
-    metrics_listen: str = typer.Option("", "--metrics-listen", envvar="KVFLEET_METRICS_LISTEN", help="host:port for Prometheus /metrics (empty: off)"),
+    policy: str = PolicyOpt,
+    first_token_timeout: float = FirstTokenTimeoutOpt,
+    metrics_listen: str = MetricsOpt,
     verbose: bool = typer.Option(False, "--verbose", "-v"),
 ) -> None:
     """Serve the Controller API against any etcd."""
@@ -57,9 +68,7 @@ def controller_run(
 
     _logging(verbose)
     if router:
-        from kvfleet.controller.router.policy import POLICIES
-    if router and policy not in POLICIES:
-        raise typer.BadParameter(f"unknown policy {policy!r}; choose from {', '.join(POLICIES)}", param_hint="--policy")
+        _check_policy(policy)
     eps = _endpoints(etcd)
     cfg = ControllerConfig(
         etcd=eps, prefix=prefix, listen=_check_addr(listen, "--listen"), advertise=advertise,
@@ -78,18 +87,16 @@ def router_run(
     etcd: str = EtcdOpt,
     prefix: str = PrefixOpt,
     listen: str = typer.Option("127.0.0.1:50051", "--listen", envvar="KVFLEET_ROUTER_LISTEN", help="address the Inference server binds"),
-    policy: str = typer.Option("kvfleet", "--policy", envvar="KVFLEET_POLICY", help="routing policy"),
-    first_token_timeout: float = typer.Option(5.0, "--first-token-timeout", min=0.1, envvar="KVFLEET_FIRST_TOKEN_TIMEOUT", help="seconds beyond the estimated TTFT before retrying on another node"),
-    metrics_listen: str = typer.Option("", "--metrics-listen", envvar="KVFLEET_METRICS_LISTEN", help="host:port for Prometheus /metrics (empty: off)"),
+    policy: str = PolicyOpt,
+    first_token_timeout: float = FirstTokenTimeoutOpt,
+    metrics_listen: str = MetricsOpt,
     verbose: bool = typer.Option(False, "--verbose", "-v"),
 ) -> None:
     """Serve the Inference API, watching the registry in etcd."""
     from kvfleet.controller.process import RouterConfig, run_router
-    from kvfleet.controller.router.policy import POLICIES
 
     _logging(verbose)
-    if policy not in POLICIES:
-        raise typer.BadParameter(f"unknown policy {policy!r}; choose from {', '.join(POLICIES)}", param_hint="--policy")
+    _check_policy(policy)
     cfg = RouterConfig(etcd=_endpoints(etcd), prefix=prefix, listen=_check_addr(listen, "--listen"), policy=policy,
                        first_token_timeout_s=first_token_timeout, metrics_listen=metrics_listen)
     try:
