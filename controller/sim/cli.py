@@ -87,11 +87,46 @@ def routing(
     kv_delay_ms: float = typer.Option(0.0, "--kv-delay-ms", min=0, help="KV event delay to the index, ms."),
     seed: int = typer.Option(0, "--seed", help="Seed of generated workloads and synthetic prefixes."),
     json_out: Optional[Path] = typer.Option(None, "--json", help="Write the full report here as JSON."),
+    live: bool = typer.Option(False, "--live", help="Replay through real processes (etcd, router, N node agents with "
+                              "sim engines) in real time; default policy: kvfleet only."),
+    time_scale: float = typer.Option(10.0, "--time-scale", min=1.0, help="--live: engines and arrivals run this many "
+                                     "times slower than the preset, so Python's costs stay small beside them."),
+    overhead_requests: int = typer.Option(200, "--overhead-requests", min=0, help="--live: requests per burst when "
+                                          "measuring the router's CPU and added latency afterwards (0: skip)."),
 ) -> None:
     """Simulate every policy on one workload (virtual time, real policy and index code)."""
+    if live:
+        _routing_live(trace, fmt, workload, requests, nodes, preset, load, policies, block_size, seed, json_out,
+                      time_scale, overhead_requests)
+        return
     report = run_bench(trace=trace, fmt=fmt, workload=workload, requests=requests, nodes=nodes, preset=preset,
                        load=load, policies=[p.strip() for p in policies.split(",") if p.strip()],
                        block_size=block_size, kv_delay_ms=kv_delay_ms, seed=seed)
     print_report(report, Console(width=max(Console().width, 150)))
+    if json_out is not None:
+        json_out.write_text(json.dumps(report, indent=1, default=float))
+
+
+def _routing_live(trace, fmt, workload, requests, nodes, preset, load, policies, block_size, seed, json_out,
+                  time_scale, overhead_requests) -> None:
+    # Only the policies a router process serves (the simulator's baselines are not among them).
+    from kvfleet.controller.router.policy import POLICIES
+    from kvfleet.controller.sim.live import print_live_report, run_live
+
+    names = ["kvfleet"] if policies == DEFAULT_POLICIES else [p.strip() for p in policies.split(",") if p.strip()]
+    unknown = [p for p in names if p not in POLICIES]
+    if unknown:
+        raise typer.BadParameter(f"--live runs only the router's policies; unknown there: {unknown}; "
+                                 f"known: {', '.join(sorted(POLICIES))}", param_hint="--policies")
+    try:
+        report = run_live(trace=trace, fmt=fmt, workload=workload, requests=requests, nodes=nodes, preset=preset,
+                          load=load, policies=names, block_size=block_size, seed=seed, time_scale=time_scale,
+                          overhead_requests=overhead_requests)
+    except ValueError as e:
+        raise typer.BadParameter(str(e)) from e
+    except RuntimeError as e:
+        Console(stderr=True).print(f"[red]live bench failed: {e}[/red]")
+        raise typer.Exit(1) from e
+    print_live_report(report, Console(width=max(Console().width, 170)))
     if json_out is not None:
         json_out.write_text(json.dumps(report, indent=1, default=float))

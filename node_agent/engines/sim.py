@@ -6,6 +6,11 @@ events to the sink as one ``KVEventBatch``, numbered 0, 1, 2, ... So a client se
 tokens, and the node agent sees cache changes, when a real engine of that speed
 would show them. Clock and sleep are injectable: tests pass a fake clock whose sleep
 advances it, and run in virtual time.
+
+A consumer that falls behind (a busy event loop) finds several steps' outputs waiting
+in its stream; ``generate`` hands them over as one output (:func:`coalesce`), so the
+node agent sends one stream message instead of several. Nothing waits to be merged:
+only outputs already produced are, so no token is delayed.
 """
 
 from __future__ import annotations
@@ -31,6 +36,23 @@ from kvfleet.tokenizer import TokenizerFiles, byte_level_tokenizer_files
 log = logging.getLogger(__name__)
 
 _Item = EngineOutput | EngineError
+
+
+def coalesce(outputs: list[EngineOutput]) -> EngineOutput:
+    """One output equivalent to ``outputs`` (consecutive outputs of one request, in
+    order): their tokens concatenated in order, the first reported cached-token count,
+    and the last output's finish state. A finished output must be the last."""
+    if len(outputs) == 1:
+        return outputs[0]
+    tokens: list[int] = []
+    cached = None
+    for o in outputs:
+        tokens.extend(o.new_token_ids)
+        if cached is None:
+            cached = o.num_cached_tokens
+    last = outputs[-1]
+    return EngineOutput(new_token_ids=tokens, finished=last.finished, finish_reason=last.finish_reason,
+                        num_cached_tokens=cached)
 
 
 class SimEngine(Engine):
@@ -71,6 +93,7 @@ class SimEngine(Engine):
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._error: EngineError | None = None
+        self.busy_s = 0.0                                # sum of modelled step durations, clock seconds
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -124,14 +147,20 @@ class SimEngine(Engine):
         done = False
         try:
             while True:
-                item = await q.get()
-                if isinstance(item, EngineError):
+                batch = [await q.get()]
+                # Whatever is already queued behind it goes out together (see the module doc).
+                while isinstance(batch[-1], EngineOutput) and not batch[-1].finished and not q.empty():
+                    batch.append(q.get_nowait())
+                error = batch.pop() if isinstance(batch[-1], EngineError) else None
+                if batch:
+                    item = coalesce(batch)  # type: ignore[arg-type]
+                    done = item.finished
+                    yield item
+                    if done:
+                        return
+                if error is not None:
                     done = True
-                    raise item
-                done = item.finished
-                yield item
-                if done:
-                    return
+                    raise error
         finally:
             if self._streams.get(rid) is q:
                 del self._streams[rid]
@@ -167,6 +196,7 @@ class SimEngine(Engine):
                     continue
                 started = self._clock()
                 res = core.step(started)
+                self.busy_s += res.duration_s
                 # Sleep to the step's modelled end, so time spent in Python between
                 # steps does not accumulate as drift.
                 delay = started + res.duration_s - self._clock()
