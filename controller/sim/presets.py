@@ -13,8 +13,9 @@ Derivation (sizes bytes, times seconds):
 
 * Prefill throughput, tokens/s: a token costs ``2 * params`` FLOPs in the linear layers
   (Kaplan et al. 2020, "Scaling Laws", sec. 2.1) plus ``2 * layers * d_model * ctx``
-  of causal attention at mean context ``ctx`` (``prefill_context_tokens``; 0 by
-  default, see limitations)::
+  of causal attention in a prompt of ``ctx`` tokens (``prefill_context_tokens``; 0 by
+  default, see limitations). QK^T and AV each cost ``2 * d_model`` FLOPs per layer per
+  attended token, and a causal token attends to ``ctx / 2`` tokens on average::
 
       prefill_tokens_per_s = gpus * peak_bf16_dense * prefill_mfu / flops_per_token
 
@@ -51,15 +52,16 @@ Constants and their sources:
   ``max_num_seqs`` 256: vLLM v1 defaults for an online server on a large GPU.
 
 Resulting figures (``python -m kvfleet.controller.sim.presets`` prints them):
-h100-llama3-8b: ~28.3 k blocks (453 k tokens), ~27.7 k prefill tok/s, 7.5 ms step at
-batch 1 (~133 tok/s single stream). Cross-check, from memory and NOT yet verified
-against a cited source: vLLM's KV-cache log line for Llama-3-8B on one H100 at 0.9
-reads about 450 k tokens, and single-stream decode on H100 is in the 120-160 tok/s
-range, consistent with the above. A cited cross-check is still to do (issue 4, sec. 1).
+h100-llama3-8b: ~28.3 k blocks (452 k tokens), ~27.7 k prefill tok/s, 7.5 ms step at
+batch 1 (~133 tok/s single stream). ``docs/presets.md`` works every figure out and
+cross-checks it against published vLLM measurements: the 8B presets land within ~5 %
+of vLLM's own latency benchmark and of Lambda's ShareGPT decode figures; the TP4
+preset decodes ~17-20 % fast, because no tensor-parallel all-reduce time is modelled
+in the decode step.
 
 Limitations: the attention term of prefill grows with context, but ``SimConfig`` has one
 flat prefill rate, so at the default ``prefill_context_tokens=0`` long prompts
-(Mooncake's mean is 15 k tokens, where attention adds ~50 % to an 8B model's FLOPs) are
+(Mooncake's mean is 15 k tokens, where attention adds ~25 % to an 8B model's FLOPs) are
 prefilled too fast. Pass the workload's mean context to :func:`derive` to fold it in.
 """
 
