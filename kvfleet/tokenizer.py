@@ -16,7 +16,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import jinja2.sandbox
+import numpy as np
 from tokenizers import Tokenizer as HFTokenizer
+
+from kvfleet.tokencache import SegmentEncoder
 
 
 @dataclass(frozen=True, slots=True)
@@ -109,9 +112,11 @@ def load_tokenizer_files(model_dir: str | Path) -> TokenizerFiles:
 class Tokenizer:
     """Encodes and decodes exactly as the serving engine does."""
 
-    def __init__(self, files: TokenizerFiles) -> None:
+    def __init__(self, files: TokenizerFiles, segment_cache_bytes: int = 64 << 20) -> None:
         self.files = files
         self._tok = HFTokenizer.from_str(files.tokenizer_json.decode())
+        # Exact reuse of the ids of repeated prompt segments; see kvfleet.tokencache.
+        self.segments = SegmentEncoder(self._tok, segment_cache_bytes)
         self.vocab_size = self._tok.get_vocab_size(with_added_tokens=True)
         env = jinja2.sandbox.ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
         self._template = env.from_string(files.chat_template) if files.chat_template else None
@@ -130,6 +135,15 @@ class Tokenizer:
 
     def encode_chat(self, messages: list[dict[str, str]]) -> list[int]:
         return self.encode(self.render_chat(messages))
+
+    def encode_ids(self, text: str) -> np.ndarray:
+        """The ids of ``encode(text)`` as a read-only uint32 array, reusing the ids of
+        segments seen before (exact; see kvfleet.tokencache). The router's hot path."""
+        return self.segments.encode(text)
+
+    def encode_chat_ids(self, messages: list[dict[str, str]]) -> np.ndarray:
+        """The ids of ``encode_chat(messages)``, as ``encode_ids`` gives them."""
+        return self.segments.encode(self.render_chat(messages))
 
     def decode(self, ids: list[int]) -> str:
         return self._tok.decode(ids, skip_special_tokens=True)
