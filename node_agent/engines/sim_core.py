@@ -214,6 +214,8 @@ class _TextStream:
         return fmix_int(self._state)
 
     def next_token(self) -> int:
+        # SimEngineCore._sample inlines the common case (no EOS draw, a byte left in the
+        # buffer); keep the two in step.
         if self._eos_threshold and (self._next() >> 11) < self._eos_threshold:
             return self._eos  # type: ignore[return-value]
         if self._pos >= len(self._buf):
@@ -419,6 +421,7 @@ class SimEngineCore:
                 finished_any = True
         if finished_any:
             self._running = [r for r in self._running if r.status == _RUNNING]
+        self.stats.generation_tokens += len(outputs)
 
         duration = prefill_tokens / self._prefill_rate
         if decode_seqs:
@@ -430,13 +433,16 @@ class SimEngineCore:
         """Chooses this step's requests and token counts (``num_scheduled``), as vLLM does."""
         budget = self._max_batched
         running = self._running
+        bs = self._bs
         scheduled: list[_Request] = []
         preempted = 0
         i = 0
         while i < len(running) and budget > 0:
             r = running[i]
             n = min(len(r.tokens) - r.num_computed_tokens, budget)
-            while not self._allocate(r, r.num_computed_tokens + n):
+            need = r.num_computed_tokens + n
+            # Most steps fit in the blocks a request holds: skip the call (it would return True).
+            while need > len(r.blocks) * bs and not self._allocate(r, need):
                 victim = max(running, key=_Request.sort_key)
                 running.remove(victim)
                 if victim.num_scheduled:              # scheduled earlier in this step: undo
@@ -458,7 +464,7 @@ class SimEngineCore:
 
         if preempted:
             return scheduled, preempted
-        heap, bs, free = self._waiting, self._bs, self._free
+        heap, free = self._waiting, self._free
         while heap and budget > 0 and len(running) < self._max_seqs:
             r = heap[0][3]
             if r.status != _WAITING:                  # aborted while waiting
@@ -613,12 +619,22 @@ class SimEngineCore:
         self._free_request_blocks(r)
 
     def _sample(self, r: _Request) -> EngineOutput:
-        """Appends one generated token to ``r`` and decides whether ``r`` is finished."""
-        tok = r.text.next_token()
+        """Appends one generated token to ``r`` and decides whether ``r`` is finished.
+
+        Runs once per generated token, so it is written for speed: the caller counts
+        ``stats.generation_tokens``, and the common case of ``_TextStream.next_token``
+        is inlined.
+        """
+        text = r.text
+        pos = text._pos
+        if not text._eos_threshold and pos < len(text._buf):
+            tok = text._buf[pos]
+            text._pos = pos + 1
+        else:
+            tok = text.next_token()
         tokens = r.tokens
         tokens.append(tok)
         r.num_output_tokens += 1
-        self.stats.generation_tokens += 1
         bs = self._bs
         if len(tokens) % bs == 0:                     # a block of tokens is complete: name it
             r.block_hashes.append(self._hash_block(
@@ -632,12 +648,9 @@ class SimEngineCore:
             reason = "stop"
         else:
             reason = None
-        return EngineOutput(
-            new_token_ids=[tok],
-            finished=reason is not None,
-            finish_reason=reason,
-            num_cached_tokens=r.num_cached_tokens if r.num_output_tokens == 1 else None,
-        )
+        # Positional: (new_token_ids, finished, finish_reason, num_cached_tokens).
+        return EngineOutput([tok], reason is not None, reason,
+                            r.num_cached_tokens if r.num_output_tokens == 1 else None)
 
     def _set_pending(self, r: _Request, value: int) -> None:
         self._queued_prefill += value - r.pending_prefill
