@@ -35,6 +35,7 @@ import asyncio
 import json
 import math
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -52,6 +53,7 @@ from kvfleet.controller.sim.workloads import TraceRequest
 from kvfleet.node_agent.engines.sim_core import SimConfig
 
 MODEL = "kvfleet-sim"
+STATS_FILE = "live-stats.json"
 _ME = [sys.executable, "-m"]
 _CLK_TCK = os.sysconf("SC_CLK_TCK")
 _GRPC_OPTS = [("grpc.max_send_message_length", 64 << 20), ("grpc.max_receive_message_length", 64 << 20)]
@@ -415,6 +417,32 @@ def _summary(policy: str, results: list[LiveResult], makespan_s: float, time_sca
     }
 
 
+def node_stats(fleet: LiveFleet, timeout: float = 10.0) -> tuple[list[float], int]:
+    """Each node's engine busy time so far (scaled seconds; NaN if it did not answer) and
+    the fleet's preemptions, asked for by SIGUSR1 (see :func:`_node_main`)."""
+    files = {name: fleet.node_dirs[nid] / STATS_FILE for nid, name in _node_names(fleet).items()}
+    for name, f in files.items():
+        f.unlink(missing_ok=True)
+        os.kill(fleet.pid(name), signal.SIGUSR1)
+    deadline = time.monotonic() + timeout
+    while not all(f.exists() for f in files.values()) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    busy, preempt = [], 0
+    for f in files.values():
+        try:
+            st = json.loads(f.read_text())
+            busy.append(st["busy_s"])
+            preempt += st["preemptions"]
+        except (OSError, ValueError, KeyError):
+            busy.append(math.nan)
+    return busy, preempt
+
+
+def _node_names(fleet: LiveFleet) -> dict[str, str]:
+    """node id -> process name."""
+    return {nid: d.name for nid, d in fleet.node_dirs.items()}
+
+
 def run_live_policy(policy: str, requests: list[TraceRequest], config: SimConfig, nodes: int, *, arrival_scale: float,
                     time_scale: float, overhead_requests: int, data_dir: Path, timeout_s: float) -> dict:
     """One live run of ``policy``: replay, then the router's overhead on the idle fleet."""
@@ -424,20 +452,13 @@ def run_live_policy(policy: str, requests: list[TraceRequest], config: SimConfig
         c0 = cpu_seconds(pid)
         results, makespan = asyncio.run(replay(fleet.router, requests, arrival_scale * time_scale, timeout_s))
         cpu = cpu_seconds(pid) - c0
+        busy, preempt = node_stats(fleet)
         overhead: dict = {}
         if overhead_requests > 0:
             overhead["latency"] = asyncio.run(added_latency(fleet, max(5, overhead_requests // 10)))
             overhead["cpu"] = asyncio.run(router_cpu(fleet, overhead_requests))
     finally:
         fleet.stop()
-    busy, preempt = [], 0
-    for d in fleet.node_dirs.values():
-        try:
-            st = json.loads((d / "live-stats.json").read_text())
-            busy.append(st["busy_s"])
-            preempt += st["preemptions"]
-        except (OSError, ValueError, KeyError):
-            busy.append(math.nan)
     out = _summary(policy, results, makespan, time_scale, busy, preempt)
     msgs = out["messages"]
     out["router_cpu_s"] = cpu
@@ -518,7 +539,7 @@ def print_live_report(report: dict, console) -> None:
 
 def _node_main(argv: list[str]) -> None:
     """A node agent serving one sim engine of a given :class:`SimConfig` (JSON file);
-    writes its busy time and preemptions to ``DATA/live-stats.json`` on exit."""
+    on SIGUSR1 it writes its busy time and preemptions so far to ``DATA/live-stats.json``."""
     from kvfleet.cli.common import run_until_signal
     from kvfleet.node_agent.agent import AgentConfig, serve
     from kvfleet.node_agent.engines.sim import SimEngine
@@ -532,12 +553,18 @@ def _node_main(argv: list[str]) -> None:
     a = ap.parse_args(argv)
     engine = SimEngine(SimConfig.model_validate_json(Path(a.config).read_text()))
     cfg = AgentConfig(controller=a.controller, token=a.token, listen=a.listen, data_dir=Path(a.data_dir))
-    try:
-        run_until_signal(lambda stop: serve(cfg, [engine], stop))
-    finally:
-        Path(a.data_dir).mkdir(parents=True, exist_ok=True)
-        (Path(a.data_dir) / "live-stats.json").write_text(json.dumps(
-            {"busy_s": engine.busy_s, "preemptions": engine.core.stats.num_preemptions}))
+    stats = Path(a.data_dir) / STATS_FILE
+
+    def write_stats() -> None:
+        tmp = stats.with_suffix(".tmp")
+        tmp.write_text(json.dumps({"busy_s": engine.busy_s, "preemptions": engine.core.stats.num_preemptions}))
+        tmp.replace(stats)
+
+    async def main(stop: asyncio.Event) -> None:
+        asyncio.get_running_loop().add_signal_handler(signal.SIGUSR1, write_stats)
+        await serve(cfg, [engine], stop)
+
+    run_until_signal(main)
 
 
 if __name__ == "__main__":
