@@ -1,4 +1,5 @@
-"""bench/bench_router.py runs end to end (``--quick``) and reports positive figures."""
+"""bench/bench_router.py runs end to end (``--quick``) and reports positive figures;
+bench/routing_matrix.py judges a cell exactly and runs a small one end to end."""
 
 from __future__ import annotations
 
@@ -38,3 +39,53 @@ def test_bench_quick_reports_positive_figures(tmp_path, capsys):
     assert r["route_hot_best"]["hot_node_cached_tokens"] == (128 + 300) * 16
     assert json.loads(out.read_text())["pairs"] == r["pairs"]
     assert "(c) index memory per (node, block) pair" in capsys.readouterr().out
+
+
+# -- bench/routing_matrix.py --------------------------------------------------------------------
+MATRIX = BENCH.parent / "routing_matrix.py"
+
+
+def load_matrix():
+    spec = importlib.util.spec_from_file_location("routing_matrix", MATRIX)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def row(policy: str, mean: float, p90: float, p99: float, hit: float) -> dict:
+    return {"policy": policy, "ttft_mean_s": mean, "ttft_p90_s": p90, "ttft_p99_s": p99, "hit_rate": hit}
+
+
+def test_matrix_verdict_checks_each_target_against_the_best_other_policy():
+    m = load_matrix()
+    report = {"load": 0.8, "bounds": {"pooled_lru_hit_rate": 0.5, "infinite_cache_hit_rate": 0.6},
+              "policies": [row("kvfleet", 0.80, 1.0, 2.0, 0.45), row("dynamo", 0.85, 1.0, 1.9, 0.5),
+                           row("round_robin", 1.0, 2.0, 3.0, 0.1)]}
+    v = m.verdict(report)
+    assert v["ratios"] == {"mean": 0.80 / 0.85, "p90": 1.0, "p99": 2.0 / 1.9, "hit_vs_lru": 0.45 / 0.5}
+    assert not v["pass"]
+    # Only p99 misses (2.0 / 1.9 = 1.053 > 1.05); the mean is 20% under round_robin's and under dynamo's.
+    assert [c["name"] for c in v["checks"] if not c["pass"]] == ["TTFT p99 / best other (dynamo)"]
+    report["policies"][1]["ttft_p99_s"] = 2.0
+    assert m.verdict(report)["pass"]
+    report["bounds"]["infinite_cache_hit_rate"] = 0.2      # low reuse: only the ratio targets apply
+    report["policies"][2]["ttft_mean_s"] = 0.81
+    assert m.verdict(report)["pass"] and len(m.verdict(report)["checks"]) == 4
+
+
+def test_matrix_runs_a_small_cell_and_writes_json_markdown_and_the_doc_section(tmp_path):
+    m = load_matrix()
+    doc = tmp_path / "benchmarks.md"
+    doc.write_text(f"# B\n\n## Routing quality matrix\n\n{m.DOC_BEGIN}\nold\n{m.DOC_END}\n\n## Live mode\nkept\n")
+    done = m.main(["--workloads", "shared-prefix,chat", "--nodes", "2", "--loads", "0.8", "--cells", "shared-*",
+                   "--requests", "shared-prefix=32", "--policies", "kvfleet,round_robin",
+                   "--out", str(tmp_path / "out"), "--update-doc", str(doc)])
+    assert [r["cell"] for r in done] == ["shared-prefix-n2-l0.8"]
+    report = json.loads((tmp_path / "out" / "shared-prefix-n2-l0.8.json").read_text())
+    assert [p["policy"] for p in report["policies"]] == ["kvfleet", "round_robin"]
+    assert report["verdict"]["pass"] in (True, False) and "--requests 32 --nodes 2" in report["command"]
+    text = doc.read_text()
+    assert "old" not in text and "| shared-prefix-n2-l0.8 | 32 |" in text and text.endswith("## Live mode\nkept\n")
+    assert m.main(["--workloads", "shared-prefix", "--nodes", "2", "--loads", "0.8", "--resume",
+                   "--out", str(tmp_path / "out")]) == []          # already written: nothing to run

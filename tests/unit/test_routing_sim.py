@@ -73,6 +73,29 @@ def test_simulation_is_deterministic():
     assert a == b and a["completed"] == 16
 
 
+def test_kv_events_batched_between_arrivals_reach_the_index_before_each_decision(monkeypatch):
+    # The simulator applies a node's KV events in one batch just before the next routing
+    # decision and rebuilds only changed views; the policy must still see the live index.
+    consistent = []
+
+    class Audit:
+        def __init__(self) -> None:
+            self.inner = get_policy("kvfleet")
+
+        def rank(self, request, nodes, index):
+            consistent.append(all(v.cached_blocks == index.blocks_of(v.slot) for v in nodes))
+            return self.inner.rank(request, nodes, index)
+
+    monkeypatch.setitem(POLICIES, "audit", Audit)
+    wl = SharedPrefix(groups=4, per_group=8, system_tokens=64, question_tokens=8, output_tokens=12)
+    cfg = TINY.model_copy(update={"vocab_size": 32_000, "max_model_len": 128, "num_blocks": 48})  # evicts
+    audited = simulate(wl, "audit", cfg, 3)
+    plain = simulate(wl, "kvfleet", cfg, 3)
+    assert len(consistent) == 32 and all(consistent)
+    assert [(r.node, r.cached_tokens, r.ttft_s) for r in audited.requests] == \
+        [(r.node, r.cached_tokens, r.ttft_s) for r in plain.requests]
+
+
 def test_a_burst_on_one_prefix_spreads_under_kvfleet_but_not_under_prefix_hash():
     cfg = TINY.model_copy(update={"num_blocks": 1024, "max_model_len": 256})
     hot = toks(1, 160)
