@@ -114,20 +114,22 @@ class RouterService(pbg.InferenceServicer):
             raise RequestError(grpc.StatusCode.UNAVAILABLE, str(exc)) from exc
         t0 = time.perf_counter()
         kind = request.WhichOneof("prompt")
+        # encode_ids/encode_chat_ids reuse the ids of segments seen before (system prompt,
+        # tools, earlier turns), exactly; only new text is encoded.
         if kind == "text":
-            tokens = tok.encode(request.text)
+            tokens = tok.encode_ids(request.text).tolist()
         elif kind == "token_ids":
             tokens = list(request.token_ids.ids)
-            bad = [t for t in tokens if t >= tok.vocab_size]
-            if bad:
+            if tokens and max(tokens) >= tok.vocab_size:  # max() is C; the search runs only on error
+                bad = next(t for t in tokens if t >= tok.vocab_size)
                 raise RequestError(grpc.StatusCode.INVALID_ARGUMENT,
-                                   f"token id {bad[0]} is outside the vocabulary (size {tok.vocab_size})")
+                                   f"token id {bad} is outside the vocabulary (size {tok.vocab_size})")
         elif kind == "chat":
             msgs = [{"role": m.role, "content": m.content} for m in request.chat.messages]
             if not msgs:
                 raise RequestError(grpc.StatusCode.INVALID_ARGUMENT, "chat has no messages")
             try:
-                tokens = tok.encode_chat(msgs)
+                tokens = tok.encode_chat_ids(msgs).tolist()
             except Exception as exc:
                 raise RequestError(grpc.StatusCode.INVALID_ARGUMENT, f"chat template failed: {exc}") from exc
         else:
