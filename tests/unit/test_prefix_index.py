@@ -244,13 +244,18 @@ def test_match_empty_inputs_and_empty_index():
 
 
 # -- memory ---------------------------------------------------------------------------------
-def test_memory_is_about_ten_bytes_per_entry():
-    idx = PrefixIndex(capacity=1 << 16)
-    a = idx.add_node("a")
-    idx.store(a, chain(1, 20_000))
+def test_memory_is_ten_bytes_per_pair_entry_plus_twelve_per_block_entry():
+    idx = PrefixIndex()
+    a, b = idx.add_node("a"), idx.add_node("b")
+    shared = chain(1, 10_000)
+    idx.store(a, shared)
+    idx.store(b, np.concatenate([shared, chain(2, 10_000)]))   # 30,000 pairs, 20,000 blocks
+    holders = idx._holders
+    assert idx.memory_bytes() >= 10 * idx.capacity + 12 * holders.capacity
+    assert len(holders) == 20_000
+    # Both tables are kept at least TARGET_LOAD / 2 full (bitmaps and per-slot arrays: small).
     per_pair = idx.memory_bytes() / len(idx)
-    assert idx.memory_bytes() >= 10 * idx.capacity
-    assert per_pair <= 10 / (index_mod.TARGET_LOAD / 2) + 1
+    assert per_pair <= (10 + 12 * 20_000 / 30_000) / (index_mod.TARGET_LOAD / 2) + 1
 
 
 # -- randomised, against a reference --------------------------------------------------------
@@ -357,3 +362,179 @@ def test_fleet_index_remove_node_drops_it_everywhere():
     for _, idx in fleet.items():
         assert idx.slot_of("x") is None and len(idx) == 5
     fleet.remove_node("never-seen")
+
+
+# -- match against a per-node reference (holder counts, bitmaps, XOR, probes) ----------------
+def leading_run(held: set[int], prompt: np.ndarray) -> int:
+    """The reference: how many leading blocks of ``prompt`` a node holds."""
+    m = 0
+    for h in prompt.tolist():
+        if h not in held:
+            break
+        m += 1
+    return m
+
+
+def random_prefix_closed_fleet(seed: int, bs: int, nodes: int = 40):
+    """An index and a dict-of-sets reference of a fleet whose nodes hold prefix-closed
+    sets: shared system prompts of several popularities, per-node conversations chained
+    on them, then leaf-first evictions, cleared and removed nodes; small and big events."""
+    rng = np.random.default_rng(seed)
+    tok = lambda n: rng.integers(0, 50_000, n * bs)          # noqa: E731
+    system = [block_hashes(tok(int(rng.integers(1, 20))), bs) for _ in range(6)]
+    idx = PrefixIndex(capacity=64)
+    ref: dict[str, set[int]] = {}
+    chains: dict[str, list[np.ndarray]] = {}
+    for i in range(nodes):
+        name = f"n{i:02d}"
+        slot = idx.add_node(name)
+        ref[name], chains[name] = set(), []
+        # Popularity: system prompt k on about nodes / 2**k nodes.
+        for k, sp in enumerate(system):
+            if rng.random() < 0.5 ** k:
+                depth = int(rng.integers(1, len(sp) + 1))
+                chain = sp[:depth]
+                if depth == len(sp) and rng.random() < 0.7:
+                    chain = np.concatenate([sp, block_hashes(tok(int(rng.integers(1, 30))), bs, parent=int(sp[-1]))])
+                chains[name].append(chain)
+        for chain in chains[name]:
+            if rng.random() < 0.5:
+                idx.store(slot, chain)                       # one event
+            else:
+                for j in range(0, len(chain), 3):            # small events
+                    idx.store(slot, chain[j : j + 3])
+            ref[name] |= set(chain.tolist())
+    names = sorted(ref)
+    for name in rng.choice(names, nodes // 4, replace=False).tolist():
+        slot = idx.slot_of(name)
+        for chain in chains[name]:                           # evict leaves first: stays prefix-closed
+            keep = int(rng.integers(0, len(chain) + 1))
+            still = set().union(*(set(c.tolist()) for c in chains[name] if c is not chain)) if len(chains[name]) > 1 else set()
+            gone = [h for h in chain[keep:].tolist() if h not in still]
+            if gone:
+                idx.remove(slot, np.array(gone, dtype=np.uint64))
+                ref[name] -= set(gone)
+    for name in rng.choice(names, 3, replace=False).tolist():
+        idx.clear(idx.slot_of(name))
+        ref[name] = set()
+    for name in rng.choice(names, 2, replace=False).tolist():
+        if name in ref:
+            idx.remove_node(name)
+            del ref[name]
+    return idx, ref, system, rng
+
+
+@pytest.mark.parametrize("bs", [1, 16, 64])
+@pytest.mark.parametrize("bitmap_bytes", [1, 8, 1 << 20])   # threshold: width, width/8, 2 holders
+@pytest.mark.parametrize("levels", [0, 16])                 # 0: always the fallback depth search
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_match_equals_the_per_node_reference_on_random_prefix_closed_fleets(monkeypatch, seed, levels, bitmap_bytes, bs):
+    monkeypatch.setattr(index_mod, "MATCH_LEVELS", levels)
+    monkeypatch.setattr(index_mod, "BITMAP_BYTES_PER_PAIR", bitmap_bytes)
+    idx, ref, system, rng = random_prefix_closed_fleet(seed, bs)
+    names = sorted(ref)
+    held_chains = [np.array(sorted(ref[n]), dtype=np.uint64) for n in names]
+    for k in range(len(system)):
+        for prompt in (system[k], np.concatenate([system[k], block_hashes(rng.integers(0, 50_000, 5 * bs), bs,
+                                                                         parent=int(system[k][-1]))])):
+            query = rng.choice(names, int(rng.integers(1, len(names) + 1)), replace=True).tolist()
+            slots = np.array([idx.slot_of(n) for n in query])
+            expected = [leading_run(ref[n], prompt) for n in query]
+            assert idx.match(prompt, slots).tolist() == expected
+    # Each node's own deepest chain, as the prompt (its conversation, held by it alone).
+    for n in rng.choice(names, 5, replace=False).tolist():
+        for k in range(len(system)):
+            if system[k][0] in ref[n]:
+                prompt = np.concatenate([system[k], block_hashes(rng.integers(0, 50_000, 3 * bs), bs)])
+                slots = np.array([idx.slot_of(x) for x in names])
+                assert idx.match(prompt, slots).tolist() == [leading_run(ref[x], prompt) for x in names]
+    assert held_chains   # the fleet is not empty
+
+
+@pytest.mark.parametrize("bitmap_bytes", [1, 8, 1 << 20])
+@pytest.mark.parametrize("seed", [0, 1])
+def test_holder_counts_xor_and_bitmaps_equal_a_recount_after_random_ops(monkeypatch, seed, bitmap_bytes):
+    monkeypatch.setattr(index_mod, "BITMAP_BYTES_PER_PAIR", bitmap_bytes)
+    rng = np.random.default_rng(seed)
+    idx = PrefixIndex(capacity=64)
+    ref: dict[str, set[int]] = {}
+    universe = rng.integers(1, 2**64, 400, dtype=np.uint64)
+    for step in range(500):
+        op = rng.choice(["add", "store", "store", "remove", "clear", "drop"], p=[.1, .45, .25, .1, .05, .05])
+        if op == "add" or not ref:
+            name = f"n{rng.integers(0, 30)}"
+            idx.add_node(name)
+            ref.setdefault(name, set())
+            continue
+        name = sorted(ref)[rng.integers(0, len(ref))]
+        slot = idx.slot_of(name)
+        batch = universe[rng.integers(0, len(universe), int(rng.choice([1, 3, SCALAR_MAX + 5, 200])))]
+        if op == "store":
+            idx.store(slot, batch)
+            ref[name] |= set(batch.tolist())
+        elif op == "remove":
+            idx.remove(slot, batch)
+            ref[name] -= set(batch.tolist())
+        elif op == "clear":
+            idx.clear(slot)
+            ref[name] = set()
+        else:
+            idx.remove_node(name)
+            del ref[name]
+    idx._flush()
+    count, xor = idx._holders.lookup(universe)
+    need = idx._popular_min()
+    for h, c, x in zip(universe.tolist(), count.tolist(), xor.tolist()):
+        holders = {idx.slot_of(n) for n, held in ref.items() if h in held}
+        assert c == len(holders)
+        acc = 0
+        for s in holders:
+            acc ^= s
+        assert x == acc
+        row = idx._bitmap_of.get(h)
+        if c >= need:
+            assert row is not None
+        if row is not None:
+            bits = np.unpackbits(idx._bits[row], bitorder="little")
+            assert set(np.flatnonzero(bits).tolist()) == holders
+    assert len(idx._holders) == len(set().union(*ref.values())) if ref else True
+
+
+def test_match_with_holes_never_claims_a_block_the_node_lacks():
+    rng = np.random.default_rng(5)
+    idx = PrefixIndex()
+    prompt = chain(40, 60)
+    ref = {}
+    for i in range(30):
+        held = {int(h) for h in prompt[: int(rng.integers(0, 61))]}
+        held -= {int(h) for h in rng.choice(prompt, int(rng.integers(0, 6))).tolist()}   # holes
+        ref[idx.add_node(f"n{i}")] = held
+        if held:
+            idx.store(i, np.array(sorted(held), dtype=np.uint64))
+    slots = np.array(sorted(ref))
+    for s, m in zip(slots.tolist(), idx.match(prompt, slots).tolist()):
+        assert m == 0 or int(prompt[m - 1]) in ref[s]
+        deepest = max((i + 1 for i, h in enumerate(prompt.tolist()) if h in ref[s]), default=0)
+        assert m <= deepest
+
+
+def test_a_block_held_by_one_node_is_matched_by_the_xor_of_its_holders():
+    idx = PrefixIndex()
+    slots = np.array([idx.add_node(f"n{i}") for i in range(5)])
+    system = chain(50, 4)
+    convo = chain(51, 6, parent=int(system[-1]))
+    for s in slots.tolist():
+        idx.store(s, system)
+    idx.store(int(slots[3]), convo)
+    assert idx.match(np.concatenate([system, convo]), slots).tolist() == [4, 4, 4, 10, 4]
+    idx.remove(int(slots[3]), convo[3:])                     # evicts its leaves
+    assert idx.match(np.concatenate([system, convo]), slots).tolist() == [4, 4, 4, 7, 4]
+
+
+def test_unmix_inverts_the_table_key_mix():
+    from kvfleet.controller.router.hashtable import mix, mix_int, unmix
+    h = np.random.default_rng(3).integers(0, 2**64 - 1, 1000, dtype=np.uint64, endpoint=True)
+    salt = np.uint64(0x1234_5678_9ABC_DEF0)
+    keys = mix(h.copy(), salt)
+    assert (unmix(keys, salt) == h).all()
+    assert keys.tolist()[:50] == [mix_int(int(x), int(salt)) for x in h[:50]]
