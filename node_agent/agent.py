@@ -75,6 +75,7 @@ class NodeAgent:
             running=sum(l.running for l in loads), waiting=sum(l.waiting for l in loads),
             kv_usage=max((l.kv_usage for l in loads), default=0.0),
             queued_prefill_tokens=sum(l.queued_prefill_tokens for l in loads),
+            decode_step_s=max((l.decode_step_s for l in loads), default=0.0),
         )
 
     # -- identity ----------------------------------------------------------------------------------

@@ -26,6 +26,7 @@ class EngineModelInfo:
     engine: str                     # "sim", "vllm", "openai"
     vocab_size: int                 # valid token ids are 0 .. vocab_size-1
     exact_cache_tracking: bool = True  # KV events cover the whole cache
+    max_num_batched_tokens: int = 0    # token budget of one engine step (chunked prefill); 0: unknown
 
 
 @dataclass(frozen=True, slots=True)
@@ -57,6 +58,7 @@ class LoadSnapshot:
     waiting: int                    # sequences waiting for admission
     kv_usage: float                 # fraction of blocks pinned by requests, 0..1
     queued_prefill_tokens: int      # prompt tokens still to prefill (waiting + partially prefilled)
+    decode_step_s: float = 0.0      # duration of one decode step at the current batch, s (0: idle or unknown)
 
 
 EventSink = Callable[[int, KVEventBatch], None]

@@ -29,7 +29,7 @@ def model_info_pb(engine: Engine) -> cpb.ModelInfo:
         prefill_tokens_per_s=i.prefill_tokens_per_s, decode_tokens_per_s=i.decode_tokens_per_s,
         tokenizer_digest=engine.tokenizer_files().digest,
         cache_tracking=cpb.CACHE_TRACKING_EXACT if i.exact_cache_tracking else cpb.CACHE_TRACKING_APPROXIMATE,
-        engine=i.engine,
+        engine=i.engine, max_num_batched_tokens=i.max_num_batched_tokens,
     )
 
 
@@ -47,6 +47,7 @@ def load_pb(u: Update) -> cpb.LoadSignals:
     return cpb.LoadSignals(
         running=u.load.running, waiting=u.load.waiting, kv_usage=u.load.kv_usage,
         queued_prefill_tokens=u.load.queued_prefill_tokens, cached_blocks=u.cached_blocks, inflight=u.inflight,
+        decode_step_s=u.load.decode_step_s,
     )
 
 

@@ -92,23 +92,25 @@ class TokenIds(_message.Message):
     def __init__(self, ids: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class LoadSignals(_message.Message):
-    __slots__ = ("running", "waiting", "kv_usage", "queued_prefill_tokens", "cached_blocks", "inflight")
+    __slots__ = ("running", "waiting", "kv_usage", "queued_prefill_tokens", "cached_blocks", "inflight", "decode_step_s")
     RUNNING_FIELD_NUMBER: _ClassVar[int]
     WAITING_FIELD_NUMBER: _ClassVar[int]
     KV_USAGE_FIELD_NUMBER: _ClassVar[int]
     QUEUED_PREFILL_TOKENS_FIELD_NUMBER: _ClassVar[int]
     CACHED_BLOCKS_FIELD_NUMBER: _ClassVar[int]
     INFLIGHT_FIELD_NUMBER: _ClassVar[int]
+    DECODE_STEP_S_FIELD_NUMBER: _ClassVar[int]
     running: int
     waiting: int
     kv_usage: float
     queued_prefill_tokens: int
     cached_blocks: int
     inflight: int
-    def __init__(self, running: _Optional[int] = ..., waiting: _Optional[int] = ..., kv_usage: _Optional[float] = ..., queued_prefill_tokens: _Optional[int] = ..., cached_blocks: _Optional[int] = ..., inflight: _Optional[int] = ...) -> None: ...
+    decode_step_s: float
+    def __init__(self, running: _Optional[int] = ..., waiting: _Optional[int] = ..., kv_usage: _Optional[float] = ..., queued_prefill_tokens: _Optional[int] = ..., cached_blocks: _Optional[int] = ..., inflight: _Optional[int] = ..., decode_step_s: _Optional[float] = ...) -> None: ...
 
 class ModelInfo(_message.Message):
-    __slots__ = ("name", "block_size", "num_blocks", "max_model_len", "prefill_tokens_per_s", "decode_tokens_per_s", "tokenizer_digest", "cache_tracking", "engine")
+    __slots__ = ("name", "block_size", "num_blocks", "max_model_len", "prefill_tokens_per_s", "decode_tokens_per_s", "tokenizer_digest", "cache_tracking", "engine", "max_num_batched_tokens")
     NAME_FIELD_NUMBER: _ClassVar[int]
     BLOCK_SIZE_FIELD_NUMBER: _ClassVar[int]
     NUM_BLOCKS_FIELD_NUMBER: _ClassVar[int]
@@ -118,6 +120,7 @@ class ModelInfo(_message.Message):
     TOKENIZER_DIGEST_FIELD_NUMBER: _ClassVar[int]
     CACHE_TRACKING_FIELD_NUMBER: _ClassVar[int]
     ENGINE_FIELD_NUMBER: _ClassVar[int]
+    MAX_NUM_BATCHED_TOKENS_FIELD_NUMBER: _ClassVar[int]
     name: str
     block_size: int
     num_blocks: int
@@ -127,7 +130,8 @@ class ModelInfo(_message.Message):
     tokenizer_digest: str
     cache_tracking: CacheTracking
     engine: str
-    def __init__(self, name: _Optional[str] = ..., block_size: _Optional[int] = ..., num_blocks: _Optional[int] = ..., max_model_len: _Optional[int] = ..., prefill_tokens_per_s: _Optional[float] = ..., decode_tokens_per_s: _Optional[float] = ..., tokenizer_digest: _Optional[str] = ..., cache_tracking: _Optional[_Union[CacheTracking, str]] = ..., engine: _Optional[str] = ...) -> None: ...
+    max_num_batched_tokens: int
+    def __init__(self, name: _Optional[str] = ..., block_size: _Optional[int] = ..., num_blocks: _Optional[int] = ..., max_model_len: _Optional[int] = ..., prefill_tokens_per_s: _Optional[float] = ..., decode_tokens_per_s: _Optional[float] = ..., tokenizer_digest: _Optional[str] = ..., cache_tracking: _Optional[_Union[CacheTracking, str]] = ..., engine: _Optional[str] = ..., max_num_batched_tokens: _Optional[int] = ...) -> None: ...
 
 class ChainHead(_message.Message):
     __slots__ = ("block_hash", "depth")

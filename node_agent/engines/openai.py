@@ -133,6 +133,8 @@ class _Polled:
     running: int
     waiting: int
     kv_usage: float
+    itl_sum: float = 0.0        # vllm:inter_token_latency_seconds _sum / _count, cumulative
+    itl_count: float = 0.0
 
 
 @dataclass(slots=True)
@@ -161,6 +163,7 @@ class OpenAIEngine(Engine):
         self._health_path = "/health"
         self._has_metrics = False
         self._polled: _Polled | None = None
+        self._decode_step_s = 0.0      # decode step estimate from /metrics (see _step_estimate)
         self._healthy = False
         self._poller: asyncio.Task[None] | None = None
         self._subscriber: KVEventSubscriber | None = None
@@ -410,7 +413,9 @@ class OpenAIEngine(Engine):
         if self._has_metrics:
             r = await self._client.get("/metrics", headers=_PLAIN)
             r.raise_for_status()
-            self._polled = _load_from_metrics(r.text)
+            polled = _load_from_metrics(r.text)
+            self._decode_step_s = _step_estimate(self._polled, polled, self._decode_step_s)
+            self._polled = polled
 
     # ------------------------------------------------------------------ requests
 
@@ -540,7 +545,8 @@ class OpenAIEngine(Engine):
             started = sum(f.started for f in self._flights.values())
             p = _Polled(running=started, waiting=len(self._flights) - started, kv_usage=0.0)
         return LoadSnapshot(running=p.running, waiting=p.waiting, kv_usage=p.kv_usage,
-                            queued_prefill_tokens=self._queued_prefill)
+                            queued_prefill_tokens=self._queued_prefill,
+                            decode_step_s=self._decode_step_s if p.running else 0.0)
 
     def set_event_sink(self, sink: EventSink) -> None:
         self._sink = sink
@@ -655,7 +661,9 @@ def _samples(text: str, names: frozenset[str]) -> dict[str, list[tuple[dict[str,
 # of a loopback poll five times a second.
 _PLAIN = {"Accept-Encoding": "identity"}
 _CACHE_INFO = "vllm:cache_config_info"
-_LOAD = frozenset({"vllm:num_requests_running", "vllm:num_requests_waiting", "vllm:kv_cache_usage_perc"})
+_ITL_SUM, _ITL_COUNT = "vllm:inter_token_latency_seconds_sum", "vllm:inter_token_latency_seconds_count"
+_LOAD = frozenset({"vllm:num_requests_running", "vllm:num_requests_waiting", "vllm:kv_cache_usage_perc",
+                   _ITL_SUM, _ITL_COUNT})
 _SERVED = frozenset({"vllm:prompt_tokens_total", "vllm:prefix_cache_queries_total"})
 
 
@@ -678,7 +686,20 @@ def _load_from_metrics(text: str) -> _Polled | None:
 
     usage = [v for _, v in s.get("vllm:kv_cache_usage_perc", ()) if not math.isnan(v)]
     return _Polled(running=int(total("vllm:num_requests_running")), waiting=int(total("vllm:num_requests_waiting")),
-                   kv_usage=min(1.0, max(usage, default=0.0)))
+                   kv_usage=min(1.0, max(usage, default=0.0)), itl_sum=total(_ITL_SUM), itl_count=total(_ITL_COUNT))
+
+
+def _step_estimate(prev: _Polled | None, cur: _Polled | None, last: float) -> float:
+    """Duration of one decode step now: the mean inter-token latency over the tokens
+    decoded since the previous poll (each decode step gives every running sequence one
+    token, so the gap between a sequence's tokens is one step), smoothed (half weight to
+    the newest window). ``last`` when no token was decoded in the window."""
+    if prev is None or cur is None:
+        return last
+    n, t = cur.itl_count - prev.itl_count, cur.itl_sum - prev.itl_sum
+    if n <= 0 or t < 0:     # nothing decoded, or the server restarted (counters reset)
+        return last
+    return t / n if last <= 0 else 0.5 * last + 0.5 * (t / n)
 
 
 def _prompt_tokens_served(text: str) -> float | None:

@@ -716,12 +716,17 @@ class SimEngineCore:
     def load(self) -> LoadSnapshot:
         """Load right now. ``queued_prefill_tokens`` counts, for waiting requests, their
         tokens minus the prefix hit they would get at arrival (or preemption); for
-        running requests still in prefill, the tokens left to compute. O(1)."""
+        running requests still in prefill, the tokens left to compute. ``decode_step_s``
+        is the modelled duration of a step that decodes every running sequence, with the
+        pinned blocks standing in for their context (0 when nothing runs). O(1)."""
+        running, pinned = len(self._running), self.num_pinned_blocks
+        step = (self._dec_base + self._dec_seq * running + self._dec_ctx * pinned * self._bs) if running else 0.0
         return LoadSnapshot(
-            running=len(self._running),
+            running=running,
             waiting=self._num_waiting,
-            kv_usage=self.num_pinned_blocks / self._num_blocks,
+            kv_usage=pinned / self._num_blocks,
             queued_prefill_tokens=self._queued_prefill,
+            decode_step_s=step,
         )
 
     # ------------------------------------------------------------------ inspection (tests, simulator)

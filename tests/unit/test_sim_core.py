@@ -3,6 +3,7 @@ order, load numbers and step durations, in the style of vLLM's test_prefix_cachi
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 
 import pytest
@@ -12,6 +13,11 @@ from kvfleet.node_agent.engine import EngineError, EngineOutput, EngineRequest, 
 from kvfleet.node_agent.engines.sim_core import SimConfig, SimEngineCore, StepResult
 from kvfleet.node_agent.kv_events import AllBlocksCleared, BlockRemoved, BlockStored
 
+
+
+def _queue_load(core: SimEngineCore) -> LoadSnapshot:
+    """``core.load()`` without the decode-step estimate (tests/unit/test_load_signals.py covers it)."""
+    return dataclasses.replace(core.load(), decode_step_s=0.0)
 
 def make_core(**overrides) -> SimEngineCore:
     """A small engine: 4-token blocks so that block lists stay short and readable."""
@@ -191,14 +197,14 @@ def test_load_counts_pinned_blocks_and_uncached_prompt_tokens():
     shared = list(range(12))
     core.add_request(req("a", shared), 0.0)
     t = run_to_idle(core).t
-    assert core.load() == LoadSnapshot(running=0, waiting=0, kv_usage=0.0, queued_prefill_tokens=0)
+    assert _queue_load(core) == LoadSnapshot(running=0, waiting=0, kv_usage=0.0, queued_prefill_tokens=0)
 
     core.add_request(req("b", shared + list(range(50, 62)), max_tokens=4), t)   # 24 tokens, 12 cached
-    assert core.load() == LoadSnapshot(running=0, waiting=1, kv_usage=0.0, queued_prefill_tokens=12)
+    assert _queue_load(core) == LoadSnapshot(running=0, waiting=1, kv_usage=0.0, queued_prefill_tokens=12)
     core.step(t)                                  # budget 8: computes tokens 12..19
-    assert core.load() == LoadSnapshot(running=1, waiting=0, kv_usage=5 / 16, queued_prefill_tokens=4)
+    assert _queue_load(core) == LoadSnapshot(running=1, waiting=0, kv_usage=5 / 16, queued_prefill_tokens=4)
     core.step(t + 1)                              # tokens 20..23, samples the first token
-    assert core.load() == LoadSnapshot(running=1, waiting=0, kv_usage=6 / 16, queued_prefill_tokens=0)
+    assert _queue_load(core) == LoadSnapshot(running=1, waiting=0, kv_usage=6 / 16, queued_prefill_tokens=0)
 
 
 def test_abort_of_running_request_frees_its_blocks_and_drops_running_at_once():
@@ -210,7 +216,7 @@ def test_abort_of_running_request_frees_its_blocks_and_drops_running_at_once():
     assert core.num_pinned_blocks == 3
 
     assert core.abort("a", 0.1) is True
-    assert core.load() == LoadSnapshot(running=0, waiting=0, kv_usage=0.0, queued_prefill_tokens=0)
+    assert _queue_load(core) == LoadSnapshot(running=0, waiting=0, kv_usage=0.0, queued_prefill_tokens=0)
     assert not core.has_work()
     # Its computed full blocks stay cached for the next request.
     assert core.evictable_block_hashes() == core.engine_block_hashes(prompt)[::-1]
@@ -224,7 +230,7 @@ def test_abort_of_waiting_request_removes_it_from_the_queue():
     core.step(0.0)
     assert core.load().waiting == 1
     assert core.abort("b", 0.1) is True
-    assert core.load() == LoadSnapshot(running=1, waiting=0, kv_usage=1 / 64, queued_prefill_tokens=0)
+    assert _queue_load(core) == LoadSnapshot(running=1, waiting=0, kv_usage=1 / 64, queued_prefill_tokens=0)
     run = run_to_idle(core, 0.1)
     assert list(run.outputs) == ["a"]
 
@@ -253,7 +259,7 @@ def test_chunked_prefill_of_4000_tokens_at_8000_per_s_gives_first_token_after_ha
     assert s1.outputs == []
     assert s1.duration_s == pytest.approx(2048 / 8000)
     assert core.num_computed_tokens("a") == 2048
-    assert core.load() == LoadSnapshot(running=1, waiting=0, kv_usage=128 / 4096, queued_prefill_tokens=1952)
+    assert _queue_load(core) == LoadSnapshot(running=1, waiting=0, kv_usage=128 / 4096, queued_prefill_tokens=1952)
 
     s2 = core.step(s1.duration_s)
     assert s2.duration_s == pytest.approx(1952 / 8000)
