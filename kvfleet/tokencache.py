@@ -174,13 +174,21 @@ class SegmentCache:
         return sys.getsizeof(key) + ids.nbytes + _ENTRY_OVERHEAD
 
     def get(self, key: str) -> np.ndarray | None:
+        return self.get_many([key])[0]
+
+    def get_many(self, keys: list[str]) -> list[np.ndarray | None]:
+        """The ids of each key (None when absent; empty keys are not counted), under one lock."""
+        out: list[np.ndarray | None] = []
+        entries = self._entries
         with self._lock:
-            ids = self._entries.get(key)
-            if ids is not None:
-                self._entries.move_to_end(key)
-                self.hits += 1
-                self.hit_tokens += len(ids)
-            return ids
+            for key in keys:
+                ids = entries.get(key)
+                if ids is not None:
+                    entries.move_to_end(key)
+                    self.hits += 1
+                    self.hit_tokens += len(ids)
+                out.append(ids)
+        return out
 
     def put(self, key: str, ids: np.ndarray) -> None:
         cost = self.cost(key, ids)
@@ -216,6 +224,9 @@ class SegmentEncoder:
         self._tok = tok
         self.plan = plan_splits(tok)
         self.cache = SegmentCache(cache_bytes)
+        self._single = {t: np.array([i], dtype=TOKEN_DTYPE) for t, i in self.plan.special_ids.items()}
+        for a in self._single.values():
+            a.flags.writeable = False
         mismatch = self._self_check()
         if mismatch:
             log.warning("tokenizer: cutting at added tokens is off: %s", mismatch)
@@ -226,21 +237,21 @@ class SegmentEncoder:
         return np.array(self._tok.encode(text, add_special_tokens=False).ids, dtype=TOKEN_DTYPE)
 
     def encode(self, text: str) -> np.ndarray:
-        plan = self.plan
+        plan, single = self.plan, self._single
+        # With a capturing group, split gives [span, token, span, token, ..., span].
         pieces = plan.special.split(text) if plan.special is not None else [text]
         if plan.byte_lut is not None:
-            parts = [
-                plan.byte_lut[np.frombuffer(p.encode(), dtype=np.uint8)] if i % 2 == 0
-                else np.array([plan.special_ids[p]], dtype=TOKEN_DTYPE)
-                for i, p in enumerate(pieces) if p
-            ]
+            lut = plan.byte_lut
+            parts = [lut[np.frombuffer(p.encode(), dtype=np.uint8)] if i % 2 == 0 else single[p]
+                     for i, p in enumerate(pieces) if p]
         else:
+            found = self.cache.get_many(pieces[0::2])
             parts = []
             for i, p in enumerate(pieces):
-                if i % 2:        # an added token, by construction of the pattern's group
-                    parts.append(np.array([plan.special_ids[p]], dtype=TOKEN_DTYPE))
+                if i % 2:
+                    parts.append(single[p])
                 elif p:          # an empty span encodes to nothing, as in the full text
-                    ids = self.cache.get(p)
+                    ids = found[i // 2]
                     if ids is None:
                         ids = self._reference(p)
                         self.cache.put(p, ids)

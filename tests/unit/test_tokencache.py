@@ -210,3 +210,20 @@ def test_smollm2_cut_encoding_is_exact_on_random_chats():
     tok = Tokenizer(load_tokenizer_files(MODEL_DIR))
     assert tok.segments.plan.special is not None, tok.segments.plan.reason
     assert_exact(tok, n=400)
+
+
+# -- the benchmark -------------------------------------------------------------------------------
+
+def test_tokenize_bench_runs_and_warm_beats_full(tmp_path):
+    import importlib.util
+    import sys
+
+    path = Path(__file__).resolve().parents[2] / "bench" / "bench_tokenize.py"
+    spec = importlib.util.spec_from_file_location("bench_tokenize", path)
+    bench = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = bench
+    spec.loader.exec_module(bench)
+    r = bench.main(["--quick", "--tokenizer", str(tmp_path)])     # byte-level only: no model there
+    (byte,) = r["tokenizers"].values()
+    assert 7000 <= byte["prompt_tokens"] <= 8000
+    assert 0 < byte["warm_us"]["p50"] < byte["full_us"]["p50"]
