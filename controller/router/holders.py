@@ -126,14 +126,14 @@ class BlockHolders:
         return 0 if p < 0 else self._cv[p]
 
     # -- updates ---------------------------------------------------------------------------
-    def apply(self, hashes: np.ndarray, slots: np.ndarray, signs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    def apply(self, hashes: np.ndarray, slots: np.ndarray, signs: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Applies holder changes in one vectorised pass: block ``hashes[i]`` (uint64)
         gained (``signs[i] == 1``) or lost (``-1``) holder ``slots[i]``. Each change must
         be real (the index calls this only for pairs it added or dropped), so the net
         change per block is exact whatever the order. Returns (the distinct blocks
-        touched, their holder counts after), both sorted by hash."""
+        touched, their holder counts after, the net change), sorted by hash."""
         if hashes.size == 0:
-            return np.zeros(0, _U64), np.zeros(0, np.int64)
+            return np.zeros(0, _U64), np.zeros(0, np.int64), np.zeros(0, np.int64)
         order = np.argsort(hashes, kind="stable")
         h = hashes[order]
         start = np.flatnonzero(np.concatenate(([True], h[1:] != h[:-1])))
@@ -154,7 +154,7 @@ class BlockHolders:
         self._count[p] = after[ok]
         self._xor[p] ^= xr[ok]
         self._delete(p[after[ok] == 0])
-        return u, after
+        return u, after, net
 
     # -- table internals (as in the pair table, without a slot to compare) ------------------
     def _set_table(self, keys: np.ndarray, count: np.ndarray, xor: np.ndarray) -> None:

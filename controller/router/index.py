@@ -246,9 +246,8 @@ class PrefixIndex:
         for i in range(0, h.size, CHUNK):
             hd = _distinct(h[i : i + CHUNK])
             keys = _mix(hd, self._salt[slot])
-            s16 = np.full(keys.size, slot, dtype=np.uint16)
-            fresh = self._find(keys, s16) < 0
-            added, reused = self._insert(keys[fresh], s16[fresh])
+            fresh = np.zeros(keys.size, dtype=bool)
+            added, reused = self._insert(keys, np.full(keys.size, slot, dtype=np.uint16), fresh)
             self._live += added
             self._used += added - reused
             self._counts[slot] += added
@@ -410,11 +409,15 @@ class PrefixIndex:
         reaches the popularity threshold gets one, one that falls below half of it (a
         hysteresis, so a block near the threshold does not rebuild it over and over)
         loses it, and the changed pairs of the others are re-read from the pair table."""
-        u, after = self._holders.apply(hashes, slots, signs)
+        u, after, net = self._holders.apply(hashes, slots, signs)
         need = self._popular_min()
-        popular = after >= need
-        if not self._bitmap_of and not popular.any():
+        # Only these can have or need a bitmap: a block with one holder after a gain had
+        # none before it (and bitmaps exist only for blocks with >= 2 holders).
+        maybe = (after >= 2) | (net < 0) if self._bitmap_of else after >= need
+        if not maybe.any():
             return
+        u, after = u[maybe], after[maybe]
+        popular = after >= need
         bitmap_of, low = self._bitmap_of, max(2, need // 2)
         grown, kept = [], []
         for h, c, pop in zip(u.tolist(), after.tolist(), popular.tolist()):
@@ -626,9 +629,10 @@ class PrefixIndex:
                 break
         return out
 
-    def _insert(self, keys: np.ndarray, slots: np.ndarray) -> tuple[int, int]:
+    def _insert(self, keys: np.ndarray, slots: np.ndarray, added_mask: np.ndarray | None = None) -> tuple[int, int]:
         """Inserts distinct (key, slot) pairs, skipping pairs already present; returns
-        (entries added, of which reused tombstones). The caller ensures room.
+        (entries added, of which reused tombstones), and sets ``added_mask[i]`` (if
+        given) where pair ``i`` was added. The caller ensures room.
 
         Each pass reads one bucket per pending pair. A pair whose bucket has an EMPTY
         entry (the end of its probe sequence) but not the pair itself takes the first
@@ -639,6 +643,7 @@ class PrefixIndex:
         b = (keys & _U64(bmask)).view(np.int64)
         step = np.zeros(keys.size, dtype=np.int64)     # probe step of each pair
         free = np.full(keys.size, -1, dtype=np.int64)  # first tombstone passed, if any
+        orig = np.arange(keys.size)                    # each pending pair's index in the input
         added = reused = 0
         while keys.size:
             at = np.take(rows, b, axis=0)
@@ -668,6 +673,8 @@ class PrefixIndex:
                 ts[target[first]] = slots[winners]
                 added += winners.size
                 reused += int(np.count_nonzero(f[first] >= 0))
+                if added_mask is not None:
+                    added_mask[orig[winners]] = True
                 done = present.copy()
                 done[winners] = True
                 # Losers forget their tombstone (contested or stale) and retry in place.
@@ -677,6 +684,7 @@ class PrefixIndex:
             b[adv] = (b[adv] + step[adv]) & bmask
             keep = ~done
             keys, slots, b, step, free = keys[keep], slots[keep], b[keep], step[keep], free[keep]
+            orig = orig[keep]
         return added, reused
 
     def _delete(self, pos: np.ndarray) -> None:
