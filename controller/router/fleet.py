@@ -19,7 +19,7 @@ import numpy as np
 
 from kvfleet.controller.registry import AdminEntry, ModelEntry, NodeEntry, Registry
 from kvfleet.controller.router.index import FleetIndex
-from kvfleet.controller.router.policy import NodeView
+from kvfleet.controller.router.nodes import NodeTable, NodeView
 from kvfleet.v1 import node_pb2 as npb
 from kvfleet.v1 import node_pb2_grpc as npbg
 
@@ -109,6 +109,7 @@ class Fleet:
         self.synced = asyncio.Event()   # registry snapshot applied
         self.changed = asyncio.Event()  # any node became routable (wakes waiters)
         self._admin_cache: dict[str, AdminEntry] = {}
+        self._tables: dict[str, NodeTable] = {}  # model -> its nodes' columns (see columns())
 
     # -- registry ------------------------------------------------------------------------------
     async def run(self) -> None:
@@ -152,11 +153,13 @@ class Fleet:
         conn = self.nodes.get(node_id)
         if conn is not None:
             conn.admin = state
+            self._sync(conn)
 
     def _upsert(self, entry: NodeEntry) -> None:
         conn = self.nodes.get(entry.node_id)
         if conn is not None and conn.entry.address == entry.address and conn.entry.models == entry.models:
             conn.entry = entry
+            self._sync(conn)
             return
         if conn is not None:
             self._remove(entry.node_id)
@@ -166,6 +169,7 @@ class Fleet:
         self.nodes[entry.node_id] = conn
         for m in entry.models:
             self.index.get_or_create(m.name, m.block_size).add_node(entry.node_id)
+        self._sync(conn)
         conn.task = asyncio.create_task(self._watch_node(conn), name=f"watch-{entry.node_id}")
         log.info("router: node %s at %s", entry.node_id, entry.address)
 
@@ -178,6 +182,9 @@ class Fleet:
         if conn.channel is not None:
             asyncio.create_task(conn.channel.close())
         self.index.remove_node(node_id)
+        for m in conn.entry.models:
+            if (table := self._tables.get(m.name)) is not None:
+                table.remove(node_id)
         log.info("router: node %s left", node_id)
 
     # -- per-node state stream -------------------------------------------------------------------
@@ -208,6 +215,7 @@ class Fleet:
             slot = idx.slot_of(conn.entry.node_id) if idx is not None else None
             if slot is not None:
                 idx.clear(slot)
+        self._sync(conn)
 
     def apply_update(self, conn: NodeConn, update: npb.StateUpdate) -> None:
         node_id = conn.entry.node_id
@@ -233,6 +241,7 @@ class Fleet:
         conn.queued_prefill_tokens, conn.cached_blocks = load.queued_prefill_tokens, load.cached_blocks
         was_routable = conn.routable
         conn.ready, conn.connected, conn.suspect = update.ready, True, False
+        self._sync(conn)
         if conn.routable and not was_routable:
             self.changed.set()
 
@@ -253,11 +262,13 @@ class Fleet:
         if conn is not None:
             conn.pending_tokens += tokens - conn.pending.get(request_id, 0)
             conn.pending[request_id] = tokens
+            self._sync(conn)
 
     def drop_pending(self, node_id: str, request_id: str) -> None:
         conn = self.nodes.get(node_id)
         if conn is not None and request_id in conn.pending:
             conn.pending_tokens -= conn.pending.pop(request_id)
+            self._sync(conn)
 
     def learn(self, node_id: str, model: str, hashes: np.ndarray) -> None:
         """Approximate tracking: a node whose engine publishes no KV events now probably
@@ -280,26 +291,44 @@ class Fleet:
         conn = self.nodes.get(node_id)
         if conn is not None:
             conn.suspect = True
+            self._sync(conn)
 
     def serving(self, model: str) -> list[NodeConn]:
         return [c for c in self.nodes.values() if model in c.models]
 
     def views(self, model: str) -> list[NodeView]:
-        """Frozen views of every node serving ``model``, for the policy."""
-        out = []
-        for c in self.serving(model):
-            m = c.models[model]
-            idx = self.index.get(model, m.block_size)
-            slot = idx.slot_of(c.entry.node_id) if idx is not None else None
-            out.append(NodeView(
-                node_id=c.entry.node_id, address=c.entry.address, routable=c.routable,
-                block_size=m.block_size, num_blocks=m.num_blocks,
-                prefill_tokens_per_s=m.prefill_tokens_per_s, decode_tokens_per_s=m.decode_tokens_per_s,
-                running=c.running, waiting=c.waiting, kv_usage=c.kv_usage,
-                queued_prefill_tokens=c.queued_prefill_tokens + max(c.pending_tokens, 0),
-                cached_blocks=c.cached_blocks, slot=-1 if slot is None else slot,
-            ))
-        return out
+        """Frozen views of every node serving ``model`` (O(n) objects: for tools and
+        tests; the router's decisions read :meth:`columns`)."""
+        return [self._view(c, c.models[model]) for c in self.serving(model)]
+
+    def columns(self, model: str) -> NodeTable:
+        """The nodes serving ``model`` as a :class:`NodeTable`, kept current as their state
+        changes (each change rewrites one row, O(1)), so a decision reads columns
+        instead of building a view per node. The fleet's own table: do not modify."""
+        table = self._tables.get(model)
+        if table is None:
+            table = self._tables[model] = NodeTable()
+        return table
+
+    def _view(self, c: NodeConn, m: ModelEntry) -> NodeView:
+        idx = self.index.get(m.name, m.block_size)
+        slot = idx.slot_of(c.entry.node_id) if idx is not None else None
+        return NodeView(
+            node_id=c.entry.node_id, address=c.entry.address, routable=c.routable,
+            block_size=m.block_size, num_blocks=m.num_blocks,
+            prefill_tokens_per_s=m.prefill_tokens_per_s, decode_tokens_per_s=m.decode_tokens_per_s,
+            running=c.running, waiting=c.waiting, kv_usage=c.kv_usage,
+            queued_prefill_tokens=c.queued_prefill_tokens + max(c.pending_tokens, 0),
+            cached_blocks=c.cached_blocks, slot=-1 if slot is None else slot,
+        )
+
+    def _sync(self, conn: NodeConn) -> None:
+        """Rewrites ``conn``'s row in the tables of the models it serves (O(1) each); every
+        change to what a view shows calls this."""
+        if self.nodes.get(conn.entry.node_id) is not conn:
+            return   # a replaced or removed connection's late update
+        for m in conn.entry.models:
+            self.columns(m.name).upsert(self._view(conn, m))
 
     async def close(self) -> None:
         for node_id in list(self.nodes):

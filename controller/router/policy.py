@@ -1,18 +1,25 @@
-"""Routing policies: pure functions of (request, node views, prefix index) -> ranked nodes.
+"""Routing policies: pure functions of (request, node table, prefix index) -> ranked nodes.
 
-No I/O, no clock, no globals: a policy sees a :class:`RouteRequest`, frozen
-:class:`NodeView` s and the :class:`~kvfleet.controller.router.index.PrefixIndex`, and
-returns every node as a :class:`Candidate`, eligible ones first, best first. The only
-state a policy may keep lives in the policy object (``round_robin``'s counter).
+No I/O, no clock, no globals: a policy sees a :class:`RouteRequest`, the candidate nodes
+(a :class:`~kvfleet.controller.router.nodes.NodeTable` of columns, or any sequence of
+frozen :class:`NodeView` s, which is turned into one) and the
+:class:`~kvfleet.controller.router.index.PrefixIndex`, and returns every node as a
+:class:`Candidate`, eligible ones first, best first. The only state a policy may keep
+lives in the policy object (``round_robin``'s counter).
 
 Every policy runs the same three steps and differs only in the last:
 
 1. filter: a node is eligible when it is routable, serves the request's block size,
    has a known prefill rate, and can hold the whole sequence in its KV cache;
-2. evaluate (vectorised over nodes): predicted cached tokens from ``index.match`` and
-   the estimated time to first token, ``cost_s``;
+2. evaluate (vectorised over the table's columns): predicted cached tokens from
+   ``index.match`` and the estimated time to first token, :func:`estimated_ttft_s`;
 3. order: by ``cost_s`` (``kvfleet``), by rotation (``round_robin``) or by queued
    prefill tokens (``least_loaded``).
+
+The ranking is a :class:`Ranking`: a list-like sequence that builds a node's
+:class:`Candidate` only when it is read, and sorts beyond the best few only when
+something reads that far. Ranking 1,000 nodes thus costs a few NumPy passes over
+columns, not 1,000 Python objects.
 
 Policies register by name in :data:`POLICIES`; :func:`get_policy` builds one.
 """
@@ -20,30 +27,21 @@ Policies register by name in :data:`POLICIES`; :func:`get_policy` builds one.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Protocol, Sequence
+from typing import Callable, Iterator, Protocol, Sequence, overload
 
 import numpy as np
 
 from kvfleet.controller.router.index import PrefixIndex
+from kvfleet.controller.router.nodes import NodeTable, NodeView
 
+__all__ = [
+    "POLICIES", "Candidate", "Evaluation", "NodeTable", "NodeView", "Policy", "Ranking", "RouteRequest",
+    "as_table", "candidates", "estimated_ttft_s", "evaluate", "get_policy", "predicted_cached_tokens", "register",
+]
 
-@dataclass(frozen=True, slots=True)
-class NodeView:
-    """A frozen view of one candidate node, as the router last saw it."""
-
-    node_id: str
-    address: str                  # host:port of the node agent
-    routable: bool                # ready, not cordoned/draining/drained
-    block_size: int               # tokens per KV block
-    num_blocks: int               # KV capacity, blocks
-    prefill_tokens_per_s: float   # prefill throughput, tokens/s
-    decode_tokens_per_s: float    # decode speed of one sequence, tokens/s
-    running: int                  # sequences in the running (decode) batch
-    waiting: int                  # requests queued in the engine
-    kv_usage: float               # fraction of KV blocks in use, 0..1
-    queued_prefill_tokens: int    # node-reported queue + tokens sent that it does not show yet
-    cached_blocks: int            # blocks in the node's prefix cache
-    slot: int                     # the node's slot in the PrefixIndex (-1 if none)
+HEAD = 8
+"""A ranking sorts its best HEAD nodes (plus any tied with the last of them) up front;
+the rest only when read."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -69,10 +67,19 @@ class Candidate:
     reason: str                   # why not eligible; "" if eligible
 
 
+Nodes = NodeTable | Sequence[NodeView]
+"""What a policy accepts as candidate nodes."""
+
+
 class Policy(Protocol):
     """Ranks every node for a request: eligible first (best first), then the rest."""
 
-    def rank(self, request: RouteRequest, nodes: Sequence[NodeView], index: PrefixIndex) -> list[Candidate]: ...
+    def rank(self, request: RouteRequest, nodes: Nodes, index: PrefixIndex) -> Sequence[Candidate]: ...
+
+
+def as_table(nodes: Nodes) -> NodeTable:
+    """``nodes`` as a :class:`NodeTable` (itself if it is one; else built, O(n) Python)."""
+    return nodes if isinstance(nodes, NodeTable) else NodeTable.from_views(nodes)
 
 
 def predicted_cached_tokens(matched_blocks: int, prompt_tokens: int, block_size: int) -> int:
@@ -85,25 +92,12 @@ def predicted_cached_tokens(matched_blocks: int, prompt_tokens: int, block_size:
     return min(matched_blocks, max(prompt_tokens - 1, 0) // block_size) * block_size
 
 
-# -- shared filter + evaluation ---------------------------------------------------------------
-@dataclass(frozen=True, slots=True)
-class Evaluation:
-    """Column-wise facts about ``nodes`` (same order) that every policy orders by."""
+# -- the cost ---------------------------------------------------------------------------------
+def estimated_ttft_s(queued_prefill_tokens: np.ndarray, uncached_tokens: np.ndarray, running: np.ndarray,
+                     prefill_tokens_per_s: np.ndarray) -> np.ndarray:
+    """kvfleet's cost: each node's estimated time to first token, seconds (vectorised).
 
-    eligible: np.ndarray          # bool
-    reasons: list[str]            # "" where eligible
-    cached: np.ndarray            # int64, predicted cached prompt tokens
-    uncached: np.ndarray          # int64, prompt tokens to prefill
-    queued: np.ndarray            # int64, queued prefill tokens
-    running: np.ndarray           # int64
-    cached_blocks: np.ndarray     # int64
-    cost_s: np.ndarray            # float64, estimated TTFT (inf where ineligible)
-
-
-def evaluate(request: RouteRequest, nodes: Sequence[NodeView], index: PrefixIndex) -> Evaluation:
-    """Filters the nodes and estimates each eligible one's time to first token.
-
-    ``cost_s = (queued_prefill_tokens + uncached_tokens + running) / prefill_tokens_per_s``
+    ``(queued_prefill_tokens + uncached_tokens + running) / prefill_tokens_per_s``
 
     * queued + uncached: the prefill work queued ahead of this request plus its own, at
       the node's prefill rate.
@@ -118,55 +112,189 @@ def evaluate(request: RouteRequest, nodes: Sequence[NodeView], index: PrefixInde
     first one) and ``kv_usage`` (a full cache evicts, which costs later hits, not this
     request's TTFT; a sequence that cannot fit at all is filtered out).
 
-    O(len(nodes)) plus one ``index.match`` over the eligible nodes' slots.
+    All arguments are arrays over the same eligible nodes (rates > 0). This is the one
+    place the formula lives; :func:`evaluate` calls it.
     """
-    n = len(nodes)
+    return (queued_prefill_tokens + uncached_tokens + running) / prefill_tokens_per_s
+
+
+# -- shared filter + evaluation ---------------------------------------------------------------
+class Evaluation:
+    """Column-wise facts about the nodes (by row of the table evaluated) that every policy
+    orders by. A snapshot: it copies what it keeps, so a table that changes afterwards
+    (the fleet's, as state updates arrive) does not change a ranking already made."""
+
+    __slots__ = ("node_ids", "id_rank", "eligible", "cached", "uncached", "queued", "running", "cached_blocks",
+                 "cost_s", "_why", "_block_size", "_need_blocks", "_reasons")
+
+    def __init__(self, nodes: NodeTable, eligible: np.ndarray, cached: np.ndarray, uncached: np.ndarray,
+                 cost_s: np.ndarray, block_size: int, need_blocks: int) -> None:
+        self.node_ids = nodes.node_ids                  # by row (a table replaces, never edits, it)
+        self.id_rank = nodes.id_rank                    # rank of each row's node id (ditto)
+        self.queued = nodes.queued_prefill_tokens.copy()  # int64, queued prefill tokens
+        self.running = nodes.running.copy()             # int64
+        self.cached_blocks = nodes.cached_blocks.copy()  # int64
+        self.eligible = eligible          # bool
+        self.cached = cached              # int64, predicted cached prompt tokens
+        self.uncached = uncached          # int64, prompt tokens to prefill
+        self.cost_s = cost_s              # float64, estimated TTFT (inf where ineligible)
+        rows = np.flatnonzero(~eligible)  # what the reasons need, for the ineligible rows only
+        self._why = (rows, nodes.routable[rows], nodes.block_size[rows], nodes.prefill_tokens_per_s[rows],
+                     nodes.num_blocks[rows])
+        self._block_size, self._need_blocks = block_size, need_blocks
+        self._reasons: list[str] | None = None
+
+    @property
+    def reasons(self) -> list[str]:
+        """Why each node is not eligible; "" where it is. Built on first use."""
+        if self._reasons is None:
+            r = [""] * len(self.eligible)
+            rows, *cols = self._why
+            for i, routable, bs, rate, num_blocks in zip(rows.tolist(), *(c.tolist() for c in cols)):
+                r[i] = _ineligible(routable, bs, rate, num_blocks, self._block_size, self._need_blocks)
+            self._reasons = r
+        return self._reasons
+
+
+def evaluate(request: RouteRequest, nodes: Nodes, index: PrefixIndex) -> Evaluation:
+    """Filters the nodes and estimates each eligible one's time to first token
+    (:func:`estimated_ttft_s`; ``inf`` where ineligible).
+
+    O(len(nodes)) NumPy work on the table's columns plus one ``index.match`` over the
+    eligible nodes' slots; no per-node Python.
+    """
+    t = as_table(nodes)
+    n = len(t)
     bs, prompt = request.block_size, request.prompt_tokens
     need_blocks = -(-(prompt + request.max_tokens) // bs)
-    slot = np.fromiter([v.slot for v in nodes], np.int64, n)
-    rate = np.fromiter([v.prefill_tokens_per_s for v in nodes], np.float64, n)
-    queued = np.fromiter([v.queued_prefill_tokens for v in nodes], np.int64, n)
-    running = np.fromiter([v.running for v in nodes], np.int64, n)
-    cached_blocks = np.fromiter([v.cached_blocks for v in nodes], np.int64, n)
-    eligible = np.fromiter(
-        [v.routable and v.block_size == bs and v.prefill_tokens_per_s > 0 and v.num_blocks >= need_blocks
-         for v in nodes], bool, n)
-    reasons = [""] * n
-    for i in np.flatnonzero(~eligible).tolist():
-        reasons[i] = _ineligible(nodes[i], bs, need_blocks)
+    slot, rate = t.slot, t.prefill_tokens_per_s
+    eligible = t.routable & (t.block_size == bs) & (rate > 0) & (t.num_blocks >= need_blocks)
     matched = np.zeros(n, dtype=np.int64)
     lookup = np.flatnonzero(eligible & (slot >= 0))
     if lookup.size and len(request.block_hashes):
         matched[lookup] = index.match(request.block_hashes, slot[lookup])
     cached = np.minimum(matched, max(prompt - 1, 0) // bs) * bs
     uncached = prompt - cached
-    with np.errstate(divide="ignore", invalid="ignore"):
-        cost = np.where(eligible, (queued + uncached + running) / rate, np.inf)
-    return Evaluation(eligible, reasons, cached, uncached, queued, running, cached_blocks, cost)
+    cost = estimated_ttft_s(t.queued_prefill_tokens, uncached, t.running, np.where(eligible, rate, 1.0))
+    cost[~eligible] = np.inf
+    return Evaluation(t, eligible, cached, uncached, cost, bs, need_blocks)
 
 
-def _ineligible(v: NodeView, block_size: int, need_blocks: int) -> str:
-    """Why ``v`` cannot take a request (the first reason that applies)."""
-    if not v.routable:
+def _ineligible(routable: bool, node_block_size: int, rate: float, num_blocks: int, block_size: int,
+                need_blocks: int) -> str:
+    """Why a node cannot take a request (the first reason that applies)."""
+    if not routable:
         return "not routable (not ready, cordoned, draining or drained)"
-    if v.block_size != block_size:
-        return f"block_size {v.block_size} != request's {block_size}"
-    if not v.prefill_tokens_per_s > 0:
+    if node_block_size != block_size:
+        return f"block_size {node_block_size} != request's {block_size}"
+    if not rate > 0:
         return "no prefill rate reported"
-    return f"sequence needs {need_blocks} KV blocks, node has {v.num_blocks}"
+    return f"sequence needs {need_blocks} KV blocks, node has {num_blocks}"
 
 
-def candidates(nodes: Sequence[NodeView], ev: Evaluation, order: np.ndarray) -> list[Candidate]:
-    """``Candidate`` s for the eligible nodes in ``order``, then the ineligible by node id."""
-    rest = sorted(np.flatnonzero(~ev.eligible).tolist(), key=lambda i: nodes[i].node_id)
-    cached, uncached, queued, cost = (a.tolist() for a in (ev.cached, ev.uncached, ev.queued, ev.cost_s))
-    return [
-        Candidate(nodes[i].node_id, cached[i], uncached[i], queued[i], cost[i], not ev.reasons[i], ev.reasons[i])
-        for i in [*order.tolist(), *rest]
-    ]
+# -- rankings ---------------------------------------------------------------------------------
+class Ranking(Sequence[Candidate]):
+    """Every node as a :class:`Candidate`: the eligible ones in the policy's order, then
+    the ineligible ones by node id. Behaves like a list (index, slice, iterate, ``len``,
+    ``==`` a list); each Candidate is built when first read, and ``order`` (the eligible
+    rows) may be given as a head plus a function that sorts the rest when needed."""
+
+    __slots__ = ("_ev", "_head", "_tail", "_rows", "_built")
+
+    def __init__(self, ev: Evaluation, head: np.ndarray, tail: Callable[[], np.ndarray] | None = None) -> None:
+        self._ev = ev
+        self._head = head                 # rows, best first
+        self._tail = tail                 # () -> the remaining eligible rows, in order
+        self._rows: list[int] | None = None
+        self._built: dict[int, Candidate] = {}
+
+    def _all_rows(self) -> list[int]:
+        if self._rows is None:
+            ev = self._ev
+            order = self._head if self._tail is None else np.concatenate([self._head, self._tail()])
+            rest = np.flatnonzero(~ev.eligible)
+            rest = rest[np.argsort(ev.id_rank[rest], kind="stable")]
+            self._rows = [*order.tolist(), *rest.tolist()]
+        return self._rows
+
+    def _row(self, i: int) -> int:
+        if self._rows is None and 0 <= i < len(self._head):
+            return int(self._head[i])
+        return self._all_rows()[i]
+
+    def _candidate(self, row: int) -> Candidate:
+        c = self._built.get(row)
+        if c is None:
+            ev = self._ev
+            ok = bool(ev.eligible[row])
+            c = self._built[row] = Candidate(
+                ev.node_ids[row], int(ev.cached[row]), int(ev.uncached[row]), int(ev.queued[row]),
+                float(ev.cost_s[row]), ok, "" if ok else ev.reasons[row])
+        return c
+
+    def __len__(self) -> int:
+        return len(self._ev.eligible)
+
+    @overload
+    def __getitem__(self, i: int) -> Candidate: ...
+    @overload
+    def __getitem__(self, i: slice) -> list[Candidate]: ...
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            return [self._candidate(r) for r in self._all_rows()[i]]
+        n = len(self)
+        if i < 0:
+            i += n
+        if not 0 <= i < n:
+            raise IndexError("ranking index out of range")
+        return self._candidate(self._row(i))
+
+    def __iter__(self) -> Iterator[Candidate]:
+        for r in self._head.tolist():
+            yield self._candidate(r)
+        for r in self._all_rows()[len(self._head):]:
+            yield self._candidate(r)
+
+    def __eq__(self, other: object) -> bool:
+        if isinstance(other, (Ranking, list, tuple)):
+            return list(self) == list(other)
+        return NotImplemented
+
+    __hash__ = None  # type: ignore[assignment]
+
+    def __repr__(self) -> str:
+        return f"Ranking({len(self)} nodes, best {self[0].node_id if len(self) else None})"
 
 
-def _node_ids(nodes: Sequence[NodeView], idx: np.ndarray) -> np.ndarray:
+def ranked(ev: Evaluation, *keys: np.ndarray, head: int = HEAD) -> Ranking:
+    """The eligible rows of ``ev`` ordered by ``keys`` (columns over all rows; first key
+    most significant, ascending), then node id. Only the best ``head`` rows (and rows
+    tied with them on the first key) are sorted now; the rest when read."""
+    rows = np.flatnonzero(ev.eligible)
+    id_rank = ev.id_rank
+
+    def order(r: np.ndarray) -> np.ndarray:
+        return r[np.lexsort((id_rank[r], *[k[r] for k in reversed(keys)]))]
+
+    if rows.size <= 4 * head:
+        return Ranking(ev, order(rows))
+    first = keys[0][rows]
+    kth = np.partition(first, head - 1)[head - 1]
+    top = first <= kth
+    tail_rows = rows[~top]
+    return Ranking(ev, order(rows[top]), lambda: order(tail_rows))
+
+
+def candidates(nodes: Nodes, ev: Evaluation, order: np.ndarray) -> Ranking:
+    """A :class:`Ranking` of the eligible rows in ``order``, then the ineligible by node id.
+    (``nodes`` is unused: ``ev`` carries its table; kept for the callers' signature.)"""
+    return Ranking(ev, np.asarray(order, dtype=np.int64))
+
+
+def _node_ids(nodes: Nodes, idx: np.ndarray) -> np.ndarray:
+    """Node ids of rows ``idx``, as an array to sort by (tables: their id rank)."""
+    if isinstance(nodes, NodeTable):
+        return nodes.id_rank[idx]
     return np.array([nodes[i].node_id for i in idx.tolist()], dtype=str)
 
 
@@ -198,7 +326,7 @@ def get_policy(name: str) -> Policy:
 # -- policies ---------------------------------------------------------------------------------
 @register("kvfleet")
 class EstimatedTTFT:
-    """Lowest estimated time to first token (see :func:`evaluate` for ``cost_s``).
+    """Lowest estimated time to first token (:func:`estimated_ttft_s`).
 
     Cache affinity and load balance are one trade-off in one unit: a cached prefix saves
     its prefill time, and a queue costs its prefill time. Under a burst on one prefix the
@@ -209,11 +337,9 @@ class EstimatedTTFT:
     blocks, i.e. more free cache, so distinct prefixes spread; then to the lower node id.
     """
 
-    def rank(self, request: RouteRequest, nodes: Sequence[NodeView], index: PrefixIndex) -> list[Candidate]:
+    def rank(self, request: RouteRequest, nodes: Nodes, index: PrefixIndex) -> Ranking:
         ev = evaluate(request, nodes, index)
-        idx = np.flatnonzero(ev.eligible)
-        order = idx[np.lexsort((_node_ids(nodes, idx), ev.cached_blocks[idx], ev.cost_s[idx]))]
-        return candidates(nodes, ev, order)
+        return ranked(ev, ev.cost_s, ev.cached_blocks)
 
 
 @register("least_loaded")
@@ -221,11 +347,9 @@ class LeastLoaded:
     """Fewest queued prefill tokens, then fewest running sequences, then node id. Blind
     to the cache: a baseline."""
 
-    def rank(self, request: RouteRequest, nodes: Sequence[NodeView], index: PrefixIndex) -> list[Candidate]:
+    def rank(self, request: RouteRequest, nodes: Nodes, index: PrefixIndex) -> Ranking:
         ev = evaluate(request, nodes, index)
-        idx = np.flatnonzero(ev.eligible)
-        order = idx[np.lexsort((_node_ids(nodes, idx), ev.running[idx], ev.queued[idx]))]
-        return candidates(nodes, ev, order)
+        return ranked(ev, ev.queued, ev.running)
 
 
 @register("round_robin")
@@ -238,11 +362,11 @@ class RoundRobin:
     def __init__(self) -> None:
         self._turn = 0
 
-    def rank(self, request: RouteRequest, nodes: Sequence[NodeView], index: PrefixIndex) -> list[Candidate]:
+    def rank(self, request: RouteRequest, nodes: Nodes, index: PrefixIndex) -> Ranking:
         ev = evaluate(request, nodes, index)
         idx = np.flatnonzero(ev.eligible)
-        order = idx[np.argsort(_node_ids(nodes, idx), kind="stable")]
+        order = idx[np.argsort(ev.id_rank[idx], kind="stable")]
         if order.size:
             order = np.roll(order, -(self._turn % order.size))
             self._turn += 1
-        return candidates(nodes, ev, order)
+        return Ranking(ev, order)

@@ -150,27 +150,30 @@ class RouterService(pbg.InferenceServicer):
 
     def rank(self, p: Prepared, exclude: set[str] = frozenset()) -> Ranked:  # type: ignore[assignment]
         """Ranks every node serving the model, eligible first, best first."""
-        views = [v for v in self.fleet.views(p.model) if v.node_id not in exclude]
-        by_bs: dict[int, list] = {}
-        for v in views:
-            by_bs.setdefault(v.block_size, []).append(v)
+        table = self.fleet.columns(p.model)
+        if exclude:
+            table = table.take(np.array([r for r, nid in enumerate(table.node_ids) if nid not in exclude], np.int64))
+        sizes = np.unique(table.block_size).tolist()
         hash_s = decide_s = 0.0
-        out: list[Candidate] = []
+        out = []   # the policy's ranking (list-like) for one block size; a merged list for several
         all_hashes: dict[int, np.ndarray] = {}
         tokens = np.asarray(p.tokens, dtype=np.uint32)
-        for bs, group in by_bs.items():
+        for bs in sizes:
+            group = table if len(sizes) == 1 else table.take(np.flatnonzero(table.block_size == bs))
             t0 = time.perf_counter()
             hashes = block_hashes(tokens, bs)
             all_hashes[bs] = hashes
             t1 = time.perf_counter()
             index = self.fleet.index.get_or_create(p.model, bs)
-            out.extend(self.policy.rank(RouteRequest(hashes, len(p.tokens), bs, p.max_tokens), group, index))
+            ranking = self.policy.rank(RouteRequest(hashes, len(p.tokens), bs, p.max_tokens), group, index)
+            out = ranking if len(sizes) == 1 else [*out, *ranking]
             decide_s += time.perf_counter() - t1
             hash_s += t1 - t0
-        if len(by_bs) > 1:  # several block sizes: merge the groups by cost (one group keeps its policy's order)
-            out.sort(key=lambda c: (not c.eligible, c.cost_s))
+        if len(sizes) > 1:  # several block sizes: merge the groups by cost (one group keeps its policy's order)
+            out.sort(key=lambda c: (not c.eligible, c.cost_s))  # type: ignore[attr-defined]
         DECIDE.labels(p.model).observe(hash_s + decide_s + p.tokenize_us / 1e6)
-        return Ranked(out, {v.node_id: v.block_size for v in views}, all_hashes, hash_s * 1e6, decide_s * 1e6)
+        block_size = dict(zip(table.node_ids, table.block_size.tolist()))
+        return Ranked(out, block_size, all_hashes, hash_s * 1e6, decide_s * 1e6)  # type: ignore[arg-type]
 
     # -- Generate ------------------------------------------------------------------------------
     async def Generate(self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext):

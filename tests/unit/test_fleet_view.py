@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 
 from kvfleet.controller.registry import ModelEntry, NodeEntry
 from kvfleet.controller.router.fleet import ApproxCache, Fleet, NodeConn
+from kvfleet.controller.router.nodes import NodeTable, NodeView
 from kvfleet.hashing import block_hashes
 from kvfleet.v1 import common_pb2 as cpb
 from kvfleet.v1 import node_pb2 as npb
@@ -22,6 +25,7 @@ def fleet_with(node_id: str = "n1", tracking: str = "exact", num_blocks: int = 1
     conn = NodeConn(entry=entry)
     f.nodes[node_id] = conn
     f.index.get_or_create(MODEL, 16).add_node(node_id)
+    f._sync(conn)     # as Fleet._upsert does
     return f, conn
 
 
@@ -124,3 +128,66 @@ def test_a_broken_state_stream_drops_the_nodes_blocks_and_learned_cache():
     f.learn("n1", MODEL, h)
     f._disconnect(conn)
     assert matched(f, h) == 0 and not conn.routable and len(conn.approx) == 0
+
+
+# -- the node table the router's decisions read ---------------------------------------------
+def as_rows(nodes) -> list[NodeView]:
+    return sorted(nodes, key=lambda v: v.node_id)
+
+
+def test_columns_follow_every_state_change_exactly_as_views_do():
+    f, conn = fleet_with("n1")
+    g_entry = NodeEntry(node_id="n2", address="127.0.0.1:2", joined_unix_ms=0, models=[ModelEntry(
+        name=MODEL, block_size=16, num_blocks=50, max_model_len=4096, prefill_tokens_per_s=2000.0,
+        decode_tokens_per_s=40.0, cache_tracking="exact")])
+    conn2 = NodeConn(entry=g_entry)
+    f.nodes["n2"] = conn2
+    f.index.get_or_create(MODEL, 16).add_node("n2")
+    f._sync(conn2)
+    assert as_rows(f.columns(MODEL)) == as_rows(f.views(MODEL))
+    steps = [
+        lambda: f.apply_update(conn, update(1, snapshot=True, queued=100)),
+        lambda: f.apply_update(conn2, update(1, snapshot=True, queued=7)),
+        lambda: f.add_pending("n1", "r1", 700),
+        lambda: f.mark_suspect("n2"),
+        lambda: f.apply_update(conn2, update(2, queued=3)),
+        lambda: f._set_admin("n1", "cordoned"),
+        lambda: f.drop_pending("n1", "r1"),
+        lambda: f._set_admin("n1", ""),
+        lambda: f._disconnect(conn2),
+    ]
+    for step in steps:
+        step()
+        assert as_rows(f.columns(MODEL)) == as_rows(f.views(MODEL))
+    assert f.columns(MODEL)[f.columns(MODEL).row_of("n1")].queued_prefill_tokens == 100
+
+
+def test_a_removed_node_leaves_the_table_and_its_late_updates_are_ignored():
+    f, conn = fleet_with("n1")
+    f.apply_update(conn, update(1, snapshot=True))
+    assert [v.node_id for v in f.columns(MODEL)] == ["n1"]
+    f.nodes.pop("n1")
+    f.columns(MODEL).remove("n1")
+    f.add_pending("n1", "r1", 5)
+    f._sync(conn)
+    assert len(f.columns(MODEL)) == 0
+
+
+def test_node_table_upsert_update_remove_take_and_id_order():
+    views = [NodeView(node_id=n, address=f"{n}:1", routable=True, block_size=16, num_blocks=10,
+                      prefill_tokens_per_s=1.0, decode_tokens_per_s=1.0, running=i, waiting=0, kv_usage=0.0,
+                      queued_prefill_tokens=10 * i, cached_blocks=0, slot=i) for i, n in enumerate("dbca")]
+    t = NodeTable.from_views(views)
+    assert list(t) == views and t.id_rank.tolist() == [3, 1, 2, 0]
+    t.update("b", running=9, routable=False)
+    assert t[1].running == 9 and not t[1].routable
+    t.remove("d")                                   # the last row ("a") moves into row 0
+    assert [v.node_id for v in t] == ["a", "b", "c"] and t.id_rank.tolist() == [0, 1, 2]
+    t.upsert(dataclasses.replace(views[0], node_id="e", slot=7))
+    assert t[3].node_id == "e" and t.slot.tolist() == [3, 1, 2, 7]
+    sub = t.take(np.array([3, 0]))
+    assert [v.node_id for v in sub] == ["e", "a"] and sub.id_rank.tolist() == [1, 0]
+    assert t[-1] == t[3] and t[1:3] == [t[1], t[2]]
+    for _ in range(40):                             # growth keeps every row
+        t.upsert(dataclasses.replace(views[0], node_id=f"z{_:02d}"))
+    assert len(t) == 44 and t.row_of("e") == 3 and t[3].slot == 7

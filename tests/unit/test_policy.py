@@ -12,8 +12,10 @@ from kvfleet.controller.router.index import PrefixIndex
 from kvfleet.controller.router.policy import (
     POLICIES,
     Candidate,
+    NodeTable,
     NodeView,
     RouteRequest,
+    estimated_ttft_s,
     evaluate,
     get_policy,
     predicted_cached_tokens,
@@ -273,3 +275,104 @@ def test_kvfleet_rank_is_pure_same_inputs_same_output_and_index_untouched():
     policy = get_policy("kvfleet")
     assert policy.rank(request(h, 150), nodes, idx) == policy.rank(request(h, 150), nodes, idx)
     assert len(idx) == before and idx.blocks_of(nodes[1].slot) == 5
+
+
+# -- vectorised ranking vs a plain-Python per-node reference --------------------------------
+def reference_rank(name: str, req: RouteRequest, nodes: list[NodeView], held: dict[str, set[int]]) -> list[tuple]:
+    """The policies as a plain loop over nodes: eligibility, leading-run match, the cost,
+    the order (ties by node id), then the ineligible by id."""
+    bs, prompt = req.block_size, req.prompt_tokens
+    need = -(-(prompt + req.max_tokens) // bs)
+    rows = []
+    for v in nodes:
+        ok = v.routable and v.block_size == bs and v.prefill_tokens_per_s > 0 and v.num_blocks >= need
+        m = 0
+        if ok and v.slot >= 0:
+            for h in req.block_hashes.tolist():
+                if h not in held.get(v.node_id, set()):
+                    break
+                m += 1
+        cached = predicted_cached_tokens(m, prompt, bs)
+        cost = (v.queued_prefill_tokens + prompt - cached + v.running) / v.prefill_tokens_per_s if ok else float("inf")
+        rows.append((v, ok, cached, cost))
+    elig = [r for r in rows if r[1]]
+    if name == "kvfleet":
+        elig.sort(key=lambda r: (r[3], r[0].cached_blocks, r[0].node_id))
+    else:   # least_loaded
+        elig.sort(key=lambda r: (r[0].queued_prefill_tokens, r[0].running, r[0].node_id))
+    rest = sorted((r for r in rows if not r[1]), key=lambda r: r[0].node_id)
+    return [(r[0].node_id, r[1], r[2], prompt - r[2], r[0].queued_prefill_tokens, r[3]) for r in elig + rest]
+
+
+@pytest.mark.parametrize("name", ["kvfleet", "least_loaded"])
+@pytest.mark.parametrize("seed", range(6))
+def test_ranking_equals_the_plain_python_reference_on_random_fleets(seed, name):
+    rng = np.random.default_rng(seed)
+    idx = PrefixIndex()
+    system = [chain(200 + seed * 10 + k, int(rng.integers(1, 12))) for k in range(4)]
+    nodes, held = [], {}
+    n = int(rng.integers(1, 60))
+    for i in rng.permutation(n).tolist():           # rows not in id order
+        nid = f"node-{i:03d}"
+        slot = idx.add_node(nid) if rng.random() > 0.1 else -1
+        mine: set[int] = set()
+        if slot >= 0:
+            for sp in system:
+                if rng.random() < 0.5:
+                    part = sp[: int(rng.integers(1, len(sp) + 1))]
+                    idx.store(slot, part)
+                    mine |= set(part.tolist())
+        held[nid] = mine
+        nodes.append(view(
+            nid, slot, routable=bool(rng.random() > 0.1), block_size=int(rng.choice([BS, BS, BS, 32])),
+            num_blocks=int(rng.choice([10_000, 5])), prefill_tokens_per_s=float(rng.choice([0.0, 1000.0, 2000.0, 2000.0])),
+            running=int(rng.integers(0, 4)), queued_prefill_tokens=int(rng.choice([0, 0, 100, 2000])),
+            cached_blocks=int(rng.integers(0, 3)),
+        ))
+    for sp in system:
+        tail = block_hashes(np.random.default_rng(300 + seed).integers(0, 50_000, 3 * BS), BS, parent=int(sp[-1]))
+        prompt = np.concatenate([sp, tail])
+        req = request(prompt, len(prompt) * BS + int(rng.integers(0, BS)))
+        expected = reference_rank(name, req, nodes, held)
+        for given in (nodes, NodeTable.from_views(nodes)):
+            got = [(c.node_id, c.eligible, c.cached_tokens, c.uncached_tokens, c.queued_prefill_tokens, c.cost_s)
+                   for c in get_policy(name).rank(req, given, idx)]
+            assert got == expected
+
+
+def test_ranking_is_list_like():
+    idx = PrefixIndex()
+    nodes = fleet(idx, [f"n{i:02d}" for i in range(40)], queued_prefill_tokens=0)
+    nodes = [dataclasses.replace(v, queued_prefill_tokens=(i * 37) % 40) for i, v in enumerate(nodes)]
+    ranked = get_policy("kvfleet").rank(request(chain(14, 3), 50), nodes, idx)
+    as_list = list(ranked)
+    assert len(ranked) == 40 and ranked == as_list and as_list == ranked
+    assert [ranked[i] for i in range(40)] == as_list and ranked[-1] == as_list[-1]
+    assert ranked[3:7] == as_list[3:7] and ranked[0] is ranked[0]
+    assert [c.queued_prefill_tokens for c in ranked] == sorted(c.queued_prefill_tokens for c in ranked)
+    with pytest.raises(IndexError):
+        ranked[40]
+
+
+def test_many_ties_beyond_the_sorted_head_keep_the_full_order():
+    idx = PrefixIndex()
+    names = [f"n{i:02d}" for i in range(50)]
+    nodes = [view(n, idx.add_node(n), cached_blocks=i % 3) for i, n in enumerate(names)]   # all costs equal
+    ranked = get_policy("kvfleet").rank(request(chain(15, 2), 40), nodes, idx)
+    assert [c.node_id for c in ranked] == [v.node_id for v in sorted(nodes, key=lambda v: (v.cached_blocks, v.node_id))]
+
+
+def test_a_ranking_is_a_snapshot_when_the_table_changes_later():
+    idx = PrefixIndex()
+    table = NodeTable.from_views(fleet(idx, ["a", "b", "c"]))
+    table.update("a", queued_prefill_tokens=500)
+    ranked = get_policy("kvfleet").rank(request(chain(16, 2), 40), table, idx)
+    table.remove("b")
+    table.update("c", queued_prefill_tokens=9_999, routable=False)
+    assert [(c.node_id, c.queued_prefill_tokens, c.eligible) for c in ranked] == [
+        ("b", 0, True), ("c", 0, True), ("a", 500, True)]
+
+
+def test_estimated_ttft_is_queue_plus_uncached_plus_running_over_the_prefill_rate():
+    got = estimated_ttft_s(np.array([100, 0]), np.array([900, 50]), np.array([0, 50]), np.array([1000.0, 100.0]))
+    assert got.tolist() == [1.0, 1.0]
