@@ -414,6 +414,9 @@ def _summary(policy: str, results: list[LiveResult], makespan_s: float, time_sca
         "wall_s": makespan_s,
         "messages": sum(r.messages for r in results),
         "client_lag_max_s": max((r.lag_s for r in results), default=0.0),
+        # In workload order: (node id, cached prompt tokens, TTFT in preset seconds), for
+        # comparing decisions with the simulator's request by request.
+        "per_request": [(r.node_id, r.cached_tokens, round(r.ttft_s / time_scale, 6)) for r in results],
     }
 
 
