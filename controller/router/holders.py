@@ -126,20 +126,25 @@ class BlockHolders:
         return 0 if p < 0 else self._cv[p]
 
     # -- updates ---------------------------------------------------------------------------
-    def apply(self, hashes: np.ndarray, slots: np.ndarray, signs: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    def apply(self, hashes: np.ndarray, slots: np.ndarray, signs: np.ndarray,
+              distinct: bool = False) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Applies holder changes in one vectorised pass: block ``hashes[i]`` (uint64)
         gained (``signs[i] == 1``) or lost (``-1``) holder ``slots[i]``. Each change must
         be real (the index calls this only for pairs it added or dropped), so the net
         change per block is exact whatever the order. Returns (the distinct blocks
-        touched, their holder counts after, the net change), sorted by hash."""
+        touched, their holder counts after, the net change), sorted by hash unless the
+        caller says ``hashes`` are ``distinct`` (then in their order, not grouped)."""
         if hashes.size == 0:
             return np.zeros(0, _U64), np.zeros(0, np.int64), np.zeros(0, np.int64)
-        order = np.argsort(hashes, kind="stable")
-        h = hashes[order]
-        start = np.flatnonzero(np.concatenate(([True], h[1:] != h[:-1])))
-        u = h[start]
-        net = np.add.reduceat(signs[order].astype(np.int64), start)
-        xr = np.bitwise_xor.reduceat(slots[order].astype(np.uint16), start)
+        if distinct:
+            u, net, xr = hashes, signs.astype(np.int64), slots.astype(np.uint16)
+        else:
+            order = np.argsort(hashes, kind="stable")
+            h = hashes[order]
+            start = np.flatnonzero(np.concatenate(([True], h[1:] != h[:-1])))
+            u = h[start]
+            net = np.add.reduceat(signs[order].astype(np.int64), start)
+            xr = np.bitwise_xor.reduceat(slots[order].astype(np.uint16), start)
         if self._used + u.size > MAX_LOAD * len(self._keys):
             self._rehash(self._live + u.size)
         keys = mix(u, _U64(SALT))

@@ -252,7 +252,7 @@ class PrefixIndex:
             self._used += added - reused
             self._counts[slot] += added
             new = hd[fresh]
-            self._apply_holders(new, np.full(new.size, slot, np.int64), np.ones(new.size, np.int64))
+            self._apply_holders(new, np.full(new.size, slot, np.int64), np.ones(new.size, np.int64), True)
 
     def remove(self, slot: int, hashes: np.ndarray) -> None:
         """Records that ``slot`` evicted ``hashes``; hashes it does not hold are ignored."""
@@ -276,7 +276,7 @@ class PrefixIndex:
         self._delete(pos[held])
         self._counts[slot] -= int(np.count_nonzero(held))
         gone = hd[held]
-        self._apply_holders(gone, np.full(gone.size, slot, np.int64), -np.ones(gone.size, np.int64))
+        self._apply_holders(gone, np.full(gone.size, slot, np.int64), -np.ones(gone.size, np.int64), True)
 
     def clear(self, slot: int) -> None:
         """Drops every block of ``slot`` (``AllBlocksCleared``, resync, node loss).
@@ -289,7 +289,7 @@ class PrefixIndex:
         hashes = _unmix(self._keys[pos], self._salt[slot])
         self._delete(pos)
         self._counts[slot] = 0
-        self._apply_holders(hashes, np.full(hashes.size, slot, np.int64), -np.ones(hashes.size, np.int64))
+        self._apply_holders(hashes, np.full(hashes.size, slot, np.int64), -np.ones(hashes.size, np.int64), True)
 
     def reserve(self, pairs: int, blocks: int | None = None) -> None:
         """Sizes the tables for ``pairs`` (node, block) pairs over ``blocks`` distinct
@@ -355,19 +355,19 @@ class PrefixIndex:
         if len(depths) > MATCH_LEVELS:
             return self._match_search(h, s)
         bitmap_of, bits = self._bitmap_of, self._bits
-        alive = np.arange(s.size)       # positions in s that hold every block walked so far
+        alive = None        # positions in s that hold every block walked so far (None: all)
         for d in depths:
             b = d - 1
             c = int(count[b])
-            ss = s[alive]
+            ss = s if alive is None else s[alive]
             row = bitmap_of.get(int(h[b])) if c >= 2 else None
             if row is not None:
-                keep = ((bits[row][ss >> 3] >> (ss & 7).astype(np.uint8)) & 1).astype(bool)
+                keep = np.unpackbits(bits[row], bitorder="little").view(bool)[ss]
             elif c == 1:
                 keep = ss == xor[b]
             else:
                 keep = self._present(h[b], ss)
-            alive = alive[keep]
+            alive = np.flatnonzero(keep) if alive is None else alive[keep]
             if alive.size == 0:
                 break
             out[alive] = d
@@ -403,13 +403,13 @@ class PrefixIndex:
         self._pend_h, self._pend_s = [], []
         self._apply_holders(h, np.abs(sv) - 1, np.sign(sv))
 
-    def _apply_holders(self, hashes: np.ndarray, slots: np.ndarray, signs: np.ndarray) -> None:
+    def _apply_holders(self, hashes: np.ndarray, slots: np.ndarray, signs: np.ndarray, distinct: bool = False) -> None:
         """Block ``hashes[i]`` gained (sign 1) or lost (-1) holder ``slots[i]``; the pair
         table already says so. Updates the holder counts, then the bitmaps: a block that
         reaches the popularity threshold gets one, one that falls below half of it (a
         hysteresis, so a block near the threshold does not rebuild it over and over)
         loses it, and the changed pairs of the others are re-read from the pair table."""
-        u, after, net = self._holders.apply(hashes, slots, signs)
+        u, after, net = self._holders.apply(hashes, slots, signs, distinct)
         need = self._popular_min()
         # Only these can have or need a bitmap: a block with one holder after a gain had
         # none before it (and bitmaps exist only for blocks with >= 2 holders).
