@@ -2,12 +2,18 @@
 
 Reports, each separately, for ``--nodes`` nodes (default 1,000):
 
-(a) routing decision time: ``policy.rank`` (including ``index.match``) for an
-    8,000-token prompt (block_size 16 -> 500 blocks), p50/p99 in us; with the share
-    spent in ``index.match``. Two prompts: one that starts with a system prompt every
-    node holds (the worst case for ``match``) and one with a niche system prompt;
+(a) routing decision time: ``policy.rank(...)[0]`` (the ranking, including
+    ``index.match``, and reading the best candidate) for an 8,000-token prompt
+    (block_size 16 -> 500 blocks) over the fleet's node table (a ``NodeTable``, as the
+    router's fleet view keeps it), p50/p99 in us; with the share spent in
+    ``index.match``, and for comparison, in the same run: the previous ``match`` (a
+    depth search per node, ``_match_search``) and ``rank`` given a list of
+    ``NodeView`` s (the simulator's input, converted to a table per call). Two prompts:
+    one that starts with a system prompt every node holds (the worst case for the
+    per-node search) and one with a niche system prompt;
 (b) hashing that prompt's blocks (``kvfleet.hashing.block_hashes``), p50/p99 in us;
-(c) index memory per cached (node, block) pair, bytes (the index's NumPy arrays), and
+(c) index memory per cached (node, block) pair, bytes (the index's NumPy arrays: pair
+    table, holder table and bitmaps), and
     for scale a dict-of-sets index (node -> set of hashes) measured on a sample;
 (d) event apply rate of ``store``, blocks/s, for 1-, 16- and 256-block events.
 
@@ -38,7 +44,7 @@ from typing import Callable
 import numpy as np
 
 from kvfleet.controller.router.index import PrefixIndex
-from kvfleet.controller.router.policy import NodeView, RouteRequest, get_policy
+from kvfleet.controller.router.policy import NodeTable, NodeView, RouteRequest, get_policy
 from kvfleet.hashing import block_hashes
 
 BLOCK_SIZE = 16
@@ -55,12 +61,15 @@ VOCAB = 150_000
 class Timing:
     p50_us: float
     p99_us: float
+    cpu_p50_us: float = 0.0     # the same calls' CPU time (this thread): what one core of its own
+    cpu_p99_us: float = 0.0     # would take, on a box where other processes compete for the cores
 
 
 @dataclass(frozen=True, slots=True)
 class Fleet:
     index: PrefixIndex
     views: list[NodeView]
+    table: NodeTable            # the same nodes as columns
     hot_tokens: np.ndarray      # global prompt + one node's conversation + new text
     hot_node: str               # the node that holds the hot prompt's conversation
     niche_tokens: np.ndarray    # a niche prompt + new text
@@ -71,11 +80,15 @@ def _timed(fn: Callable[[], object], iters: int, warmup: int = 5) -> Timing:
     for _ in range(warmup):
         fn()
     samples = np.empty(iters)
+    cpu = np.empty(iters)
     for i in range(iters):
+        c0 = time.thread_time_ns()
         t0 = time.perf_counter_ns()
         fn()
         samples[i] = time.perf_counter_ns() - t0
-    return Timing(float(np.percentile(samples, 50)) / 1e3, float(np.percentile(samples, 99)) / 1e3)
+        cpu[i] = time.thread_time_ns() - c0
+    p = lambda a, q: float(np.percentile(a, q)) / 1e3   # noqa: E731
+    return Timing(p(samples, 50), p(samples, 99), p(cpu, 50), p(cpu, 99))
 
 
 def build_fleet(nodes: int, blocks_per_node: int, seed: int = 0) -> Fleet:
@@ -125,7 +138,7 @@ def build_fleet(nodes: int, blocks_per_node: int, seed: int = 0) -> Fleet:
     fill_s = time.perf_counter() - t0
     niche = niche_tokens[0]
     niche_prompt = np.concatenate([niche, rng.integers(0, VOCAB, PROMPT_TOKENS - len(niche))])
-    return Fleet(index, views, hot_tokens.astype(np.uint32), views[hot_slot].node_id,
+    return Fleet(index, views, NodeTable.from_views(views), hot_tokens.astype(np.uint32), views[hot_slot].node_id,
                  niche_prompt.astype(np.uint32), fill_s)
 
 
@@ -150,19 +163,26 @@ def time_tokenisation(iters: int, tokenizer_dir: str | None = None) -> tuple[Tim
     return _timed(lambda: tok.encode(text), iters), label
 
 
-def time_route(fleet: Fleet, tokens: np.ndarray, iters: int) -> tuple[Timing, Timing, dict]:
-    """(rank timing, index.match timing, facts about the ranking) for one prompt."""
+def time_route(fleet: Fleet, tokens: np.ndarray, iters: int) -> tuple[dict[str, Timing], dict]:
+    """(timings: rank, match and their baselines; facts about the ranking) for one prompt."""
     hashes = block_hashes(tokens, BLOCK_SIZE)
     req = RouteRequest(hashes, len(tokens), BLOCK_SIZE, max_tokens=256)
     policy = get_policy("kvfleet")
     slots = np.array([v.slot for v in fleet.views if v.routable])
-    rank = _timed(lambda: policy.rank(req, fleet.views, fleet.index), iters)
-    match = _timed(lambda: fleet.index.match(hashes, slots), iters)
-    ranked = policy.rank(req, fleet.views, fleet.index)
+    if (fleet.index.match(hashes, slots) != fleet.index._match_search(hashes, slots)).any():
+        raise AssertionError("match and the per-node depth search disagree")
+    base_iters = max(iters // 5, 10)
+    t = {
+        "rank": _timed(lambda: policy.rank(req, fleet.table, fleet.index)[0], iters),
+        "match": _timed(lambda: fleet.index.match(hashes, slots), iters),
+        "match_search": _timed(lambda: fleet.index._match_search(hashes, slots), base_iters),
+        "rank_views": _timed(lambda: policy.rank(req, fleet.views, fleet.index)[0], base_iters),
+    }
+    ranked = policy.rank(req, fleet.table, fleet.index)
     holders = int(np.count_nonzero(fleet.index.match(hashes[:1], slots)))
     best = ranked[0]
     pos, holder = next((i, c) for i, c in enumerate(ranked) if c.node_id == fleet.hot_node)
-    return rank, match, {"node_id": best.node_id, "cached_tokens": best.cached_tokens,
+    return t, {"node_id": best.node_id, "cached_tokens": best.cached_tokens,
                          "cost_s": best.cost_s, "nodes_holding_block_0": holders,
                          "hot_node_rank": pos, "hot_node_cached_tokens": holder.cached_tokens,
                          "hot_node_cost_s": holder.cost_s}
@@ -181,15 +201,21 @@ def dict_of_sets_bytes_per_pair(pairs: int, nodes: int, seed: int) -> float:
     return size / pairs
 
 
-def time_store(index: PrefixIndex, nodes: int, blocks: int, events: int, seed: int) -> float:
-    """Blocks/s applying ``events`` store events of ``blocks`` fresh blocks to random nodes."""
+def time_store(index: PrefixIndex, nodes: int, blocks: int, events: int, seed: int) -> tuple[float, float]:
+    """(blocks/s wall, blocks/s of this thread's CPU time) applying ``events`` store events
+    of ``blocks`` fresh blocks to random nodes, including the queued holder changes."""
     rng = np.random.default_rng(seed)
     hashes = rng.integers(1, 2**64 - 1, (events, blocks), dtype=np.uint64, endpoint=True)
     slots = rng.integers(0, nodes, events).tolist()
-    t0 = time.perf_counter()
+    c0, t0 = time.thread_time(), time.perf_counter()
     for slot, h in zip(slots, hashes):
         index.store(slot, h)
-    return events * blocks / (time.perf_counter() - t0)
+    index._flush()
+    return events * blocks / (time.perf_counter() - t0), events * blocks / (time.thread_time() - c0)
+
+
+def _us(t: Timing) -> dict:
+    return {"p50": t.p50_us, "p99": t.p99_us, "cpu_p50": t.cpu_p50_us, "cpu_p99": t.cpu_p99_us}
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -210,11 +236,11 @@ def main(argv: list[str] | None = None) -> dict:
 
     fleet = build_fleet(nodes, bpn, args.seed)
     pairs = len(fleet.index)
-    hot_rank, hot_match, hot_best = time_route(fleet, fleet.hot_tokens, iters)
+    hot, hot_best = time_route(fleet, fleet.hot_tokens, iters)
     expected = (GLOBAL_PROMPT_BLOCKS + ROUTED_CONVERSATION_BLOCKS) * BLOCK_SIZE
     if hot_best["hot_node_cached_tokens"] != expected:   # the index must find the conversation
         raise AssertionError(f"{fleet.hot_node}: {hot_best['hot_node_cached_tokens']} cached, expected {expected}")
-    niche_rank, niche_match, niche_best = time_route(fleet, fleet.niche_tokens, iters)
+    niche, niche_best = time_route(fleet, fleet.niche_tokens, iters)
     hashing = _timed(lambda: block_hashes(fleet.hot_tokens, BLOCK_SIZE), iters)
     tokenise, tokenise_label = time_tokenisation(iters, args.tokenizer)
     memory = fleet.index.memory_bytes()
@@ -228,19 +254,21 @@ def main(argv: list[str] | None = None) -> dict:
     results = {
         "nodes": nodes, "blocks_per_node": bpn, "pairs": pairs, "block_size": BLOCK_SIZE,
         "prompt_tokens": PROMPT_TOKENS, "iters": iters, "fill_s": fleet.fill_s,
-        "route_hot_us": {"p50": hot_rank.p50_us, "p99": hot_rank.p99_us},
-        "match_hot_us": {"p50": hot_match.p50_us, "p99": hot_match.p99_us},
+        **{f"{out}_{name}_us": _us(t[key]) for name, t in (("hot", hot), ("niche", niche))
+           for key, out in (("rank", "route"), ("match", "match"), ("match_search", "match_search"),
+                            ("rank_views", "route_views"))},
         "route_hot_best": hot_best, "hot_node": fleet.hot_node,
-        "route_niche_us": {"p50": niche_rank.p50_us, "p99": niche_rank.p99_us},
-        "match_niche_us": {"p50": niche_match.p50_us, "p99": niche_match.p99_us},
         "route_niche_best": niche_best,
-        "hash_us": {"p50": hashing.p50_us, "p99": hashing.p99_us},
-        "tokenise_us": {"p50": tokenise.p50_us, "p99": tokenise.p99_us},
+        "hash_us": _us(hashing),
+        "tokenise_us": _us(tokenise),
         "tokenise_label": tokenise_label,
         "index_bytes": memory, "index_capacity": capacity,
+        "holder_bytes": fleet.index._holders.memory_bytes(), "distinct_blocks": len(fleet.index._holders),
+        "bitmap_bytes": fleet.index._bits.nbytes, "bitmaps": len(fleet.index._bitmap_of),
         "bytes_per_pair": memory / pairs,
         "dict_of_sets_bytes_per_pair": baseline, "dict_of_sets_sample_pairs": baseline_pairs,
-        "store_blocks_per_s": {str(b): r for b, r in store.items()},
+        "store_blocks_per_s": {str(b): r[0] for b, r in store.items()},
+        "store_blocks_per_cpu_s": {str(b): r[1] for b, r in store.items()},
     }
     _print(results)
     if args.json:
@@ -257,23 +285,30 @@ def _print(r: dict) -> None:
     rows = [
         ("(a) route 8,000-token prompt, global prefix", r["route_hot_us"], "us"),
         ("      of which index.match", r["match_hot_us"], "us"),
+        ("      baseline: per-node depth search", r["match_search_hot_us"], "us"),
+        ("      baseline: rank from a list of NodeViews", r["route_views_hot_us"], "us"),
         ("(a) route 8,000-token prompt, niche prefix", r["route_niche_us"], "us"),
         ("      of which index.match", r["match_niche_us"], "us"),
+        ("      baseline: per-node depth search", r["match_search_niche_us"], "us"),
+        ("      baseline: rank from a list of NodeViews", r["route_views_niche_us"], "us"),
         ("(b) hash 500 blocks (block_hashes)", r["hash_us"], "us"),
         ("(e) tokenise the prompt", r["tokenise_us"], "us"),
     ]
-    print(f"{'figure':<48}{'p50':>12}{'p99':>12}  unit")
+    print(f"{'figure':<48}{'p50':>12}{'p99':>12}  unit  {'CPU p50':>10}{'CPU p99':>10}")
     for name, t, unit in rows:
-        print(f"{name:<48}{t['p50']:>12.1f}{t['p99']:>12.1f}  {unit}")
+        print(f"{name:<48}{t['p50']:>12.1f}{t['p99']:>12.1f}  {unit}  {t['cpu_p50']:>10.1f}{t['cpu_p99']:>10.1f}")
     print(f"{'    tokenizer':<48}{r['tokenise_label']:>38}")
     print(f"{'(c) index memory per (node, block) pair':<48}{r['bytes_per_pair']:>12.1f}{'':>12}  bytes"
           f"   ({r['index_bytes'] / 2**20:.0f} MiB, table {r['index_capacity']:,} entries,"
-          f" load {r['pairs'] / r['index_capacity']:.2f})")
+          f" load {r['pairs'] / r['index_capacity']:.2f}; of which holder table"
+          f" {r['holder_bytes'] / 2**20:.0f} MiB for {r['distinct_blocks']:,} distinct blocks,"
+          f" {r['bitmaps']:,} bitmaps {r['bitmap_bytes'] / 2**20:.1f} MiB)")
     base = r["dict_of_sets_bytes_per_pair"]
     print(f"{'    baseline: dict of sets, same measure':<48}{base:>12.1f}{'':>12}  bytes"
           f"   ({base / r['bytes_per_pair']:.1f}x the index; sampled on {r['dict_of_sets_sample_pairs']:,} pairs)")
     for b, rate in r["store_blocks_per_s"].items():
-        print(f"{f'(d) store, {b}-block events':<48}{rate:>12,.0f}{'':>12}  blocks/s")
+        print(f"{f'(d) store, {b}-block events':<48}{rate:>12,.0f}{'':>12}  blocks/s"
+              f"   ({r['store_blocks_per_cpu_s'][b]:,.0f} per CPU second)")
     print(f"global prefix: {hb['nodes_holding_block_0']} routable nodes hold block 0; picked {hb['node_id']}, "
           f"{hb['cached_tokens']} cached tokens, est. TTFT {hb['cost_s'] * 1e3:.1f} ms; the conversation's "
           f"holder {r['hot_node']}: {hb['hot_node_cached_tokens']} cached tokens, est. TTFT "
