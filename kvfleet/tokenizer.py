@@ -110,7 +110,12 @@ def load_tokenizer_files(model_dir: str | Path) -> TokenizerFiles:
 
 
 class Tokenizer:
-    """Encodes and decodes exactly as the serving engine does."""
+    """Encodes and decodes exactly as the serving engine does.
+
+    ``encode``/``encode_chat`` run the Hugging Face tokenizer on the whole text (the
+    reference). ``encode_ids``/``encode_chat_ids`` give the same ids, reusing those of
+    segments seen before from a cache of at most ``segment_cache_bytes`` bytes.
+    """
 
     def __init__(self, files: TokenizerFiles, segment_cache_bytes: int = 64 << 20) -> None:
         self.files = files
