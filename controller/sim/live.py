@@ -514,16 +514,18 @@ def print_live_report(report: dict, console) -> None:
         f"bounds: infinite-cache {b['infinite_cache_hit_rate']:.3f}, pooled-LRU {b['pooled_lru_hit_rate']:.3f}")
     t = Table()
     for col in ("policy", "done", "hit rate", "sim hit", "TTFT mean ms", "p50", "p90", "p99", "sim p50", "e2e p99 s",
-                "req/s", "imbalance", "router µs/req", "µs/msg", "msgs/req"):
+                "req/s", "imbalance", "router CPU ms/req", "µs/msg", "msgs/req"):
         t.add_column(col, justify="left" if col == "policy" else "right")
     ms = (lambda x: "-" if math.isnan(x) else f"{x * 1e3:.1f}")
     for r in report["policies"]:
         t.add_row(r["policy"], f"{r['completed']}/{r['requests']}", f"{r['hit_rate']:.3f}", f"{r['sim']['hit_rate']:.3f}",
                   ms(r["ttft_mean_s"]), ms(r["ttft_p50_s"]), ms(r["ttft_p90_s"]), ms(r["ttft_p99_s"]),
                   ms(r["sim"]["ttft_p50_s"]), f"{r['e2e_p99_s']:.2f}", f"{r['throughput_req_s']:.2f}",
-                  f"{r['load_imbalance']:.3f}", f"{r['router_cpu_us_per_request']:.0f}",
+                  f"{r['load_imbalance']:.3f}", f"{r['router_cpu_us_per_request'] / 1e3:.1f}",
                   f"{r['router_cpu_us_per_message']:.1f}", f"{r['messages'] / max(r['completed'], 1):.1f}")
     console.print(t)
+    console.print("[dim]router CPU ms/req and µs/msg: the router process's whole CPU time during the replay, "
+                  "divided by requests or by the stream messages it sent[/dim]")
     for r in report["policies"]:
         o = r["overhead"]
         if "latency" in o:
