@@ -14,7 +14,8 @@ directory exists), p50/p99 in us of:
 
 With ``--route`` it also times the whole route per request at ``--nodes`` nodes (the
 fleet of bench_router.py): warm tokenisation + list conversions + block hashing +
-``policy.rank``, each iteration summed before taking percentiles (so p99 is the total's).
+``policy.rank`` on the fleet's node table (reading the best candidate), each iteration
+summed before taking percentiles (so p99 is the total's).
 
     .venv/bin/python bench/bench_tokenize.py                      # both tokenizers
     .venv/bin/python bench/bench_tokenize.py --route              # + route total, 1,000 nodes
@@ -145,6 +146,7 @@ def route_total(tok: Tokenizer, prompts: list, nodes: int, blocks_per_node: int,
     policy = get_policy("kvfleet")
     # Decided on the fleet's hot prompt: its global prefix is on every node, the costliest
     # case for index.match (our chat's blocks are in no node's cache).
+    nodes_arg = getattr(fleet, "table", None) or fleet.views   # the router's NodeTable where there is one
     hot_request = RouteRequest(block_hashes(fleet.hot_tokens, BLOCK_SIZE), len(fleet.hot_tokens), BLOCK_SIZE, 256)
     parts = {k: np.empty(iters) for k in ("tokenise", "lists", "hash", "rank")}
     cpu = np.empty(iters)
@@ -157,7 +159,7 @@ def route_total(tok: Tokenizer, prompts: list, nodes: int, blocks_per_node: int,
         t2 = time.perf_counter_ns()
         hashes = block_hashes(arr, BLOCK_SIZE)
         t3 = time.perf_counter_ns()
-        policy.rank(hot_request, fleet.views, fleet.index)
+        policy.rank(hot_request, nodes_arg, fleet.index)[0]      # the best candidate, as the router reads it
         t4 = time.perf_counter_ns()
         if i >= 0:
             cpu[i] = time.thread_time_ns() - c0
