@@ -19,7 +19,8 @@ cache line; triangular probing; tombstones), three parallel arrays per entry::
     xor[i]    uint16   XOR of those nodes' slots (their slot if count == 1)
 
 12 bytes per entry, kept between TARGET_LOAD/2 and MAX_LOAD full: 17..34 bytes per
-distinct block (every distinct block has at least one (node, block) pair).
+distinct block (every distinct block has at least one (node, block) pair); 20 bytes per
+pair on ``bench/bench_router.py``'s fleet (19.4 M distinct blocks for 20 M pairs).
 Updates come in vectorised batches (:meth:`apply`; the index queues the changes of
 small events and applies them in one pass, since a Python probe per block would
 double the cost of a 1-block event). Expected O(1) per change and per lookup.

@@ -118,20 +118,28 @@ class PrefixIndex:
     Nodes get small integer slots (``add_node``); events address nodes by slot, so the hot
     path never hashes node ids. ``len(index)`` is the number of (node, block) pairs.
 
-    Costs, measured on the 2-core dev box with 20 M pairs over 1,000 nodes (table of
-    2**25 entries at load 0.60; ``bench/bench_router.py``):
+    Costs, measured with ``bench/bench_router.py`` on the 2-core dev box (shared with
+    other CPU-bound jobs at the time, so wall-clock p99s there are scheduling noise; CPU
+    time given where it differs) with 20 M pairs over 1,000 nodes, 19.4 M distinct blocks
+    (pair table 2**25 entries at load 0.60, holder table 2**25 at 0.58, 5,431 bitmaps):
 
-    * memory: 16.8 bytes per pair (10 bytes per entry / load; 14..29 by design);
-    * ``store``: 1-block events ~3.2 us each (310 k blocks/s); 16-block events ~28 us
-      (580 k blocks/s); 256-block events 1.3 M blocks/s;
+    * memory: 37.0 bytes per pair (16.8 for the pair table, 20 for the holder table,
+      0.05 for bitmaps); see the module docstring for the bounds. A fleet that shares no
+      block at all, sized up front with ``reserve``, measured 73 bytes per pair;
+    * ``store`` (each figure includes its share of the queued holder-count pass): on 20 M
+      random pairs, old and new index run back to back, per CPU second: 1-block events
+      ~260 k blocks (the previous single-table index: ~290 k), 16-block ~480 k (550 k),
+      256-block ~950 k (2.2 M). The bench's own run, on its fleet: 173 k / 383 k / 493 k
+      blocks per CPU second (103 k / 235 k / 290 k wall, on the busy box);
     * ``contains``: one bucket read, ~2 us from Python;
-    * ``match`` of a 500-block prompt: ~1.15 ms against 979 nodes that all hold its
-      first block (10 probe batches of ~1,000 keys, each a cache miss), ~0.47 ms when
-      123 nodes hold it;
-    * ``clear`` / ``remove_node``: one scan of the table, ~60 ms;
-    * growing past MAX_LOAD rehashes everything: ~5 s at 20 M pairs on this box, a
-      stall for a single-threaded router. Size a big index up front with
-      :meth:`reserve`.
+    * ``match`` of a 500-block prompt against 979 nodes: ~61 us p50 when all of them hold
+      its first 128 blocks and one holds 300 more (the per-node depth search,
+      :meth:`_match_search`: ~1.9 ms in the same run), ~51 us when 123 nodes hold a niche
+      prefix (0.7 ms);
+    * ``clear`` / ``remove_node``: one scan of the pair table (~60 ms at 20 M pairs) plus
+      one vectorised holder pass over the node's blocks (not re-measured);
+    * growing past MAX_LOAD rehashes a table: seconds at 20 M pairs, a stall for a
+      single-threaded router. Size a big index up front with :meth:`reserve`.
     """
 
     __slots__ = (

@@ -112,8 +112,9 @@ def estimated_ttft_s(queued_prefill_tokens: np.ndarray, uncached_tokens: np.ndar
     first one) and ``kv_usage`` (a full cache evicts, which costs later hits, not this
     request's TTFT; a sequence that cannot fit at all is filtered out).
 
-    All arguments are arrays over the same eligible nodes (rates > 0). This is the one
-    place the formula lives; :func:`evaluate` calls it.
+    All arguments are arrays over the same nodes, with rates > 0 (:func:`evaluate` passes
+    every row, with rate 1 for ineligible ones, and sets their cost to ``inf``). This is
+    the one place the formula lives.
     """
     return (queued_prefill_tokens + uncached_tokens + running) / prefill_tokens_per_s
 
@@ -287,7 +288,7 @@ def ranked(ev: Evaluation, *keys: np.ndarray, head: int = HEAD) -> Ranking:
 
 def candidates(nodes: Nodes, ev: Evaluation, order: np.ndarray) -> Ranking:
     """A :class:`Ranking` of the eligible rows in ``order``, then the ineligible by node id.
-    (``nodes`` is unused: ``ev`` carries its table; kept for the callers' signature.)"""
+    (``nodes`` is unused: ``ev`` carries what the ranking needs; kept for the callers.)"""
     return Ranking(ev, np.asarray(order, dtype=np.int64))
 
 
