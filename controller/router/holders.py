@@ -101,15 +101,20 @@ class BlockHolders:
         n = keys.size
         b = (keys & _U64(self._bmask)).view(np.int64)
         at = np.take(self._rows, b, axis=0)
-        eq = at == keys[:, None]
-        hit = row_any(eq)
-        ended = row_any(at == EMPTY)
-        absent = ~hit & ended
-        z = int(np.argmax(absent)) if absent.any() else n
-        pos = np.full(n, -1, dtype=np.int64)
-        h = np.flatnonzero(hit[:z])
-        pos[h] = (b[h] << LOG_BUCKET) | eq[h].argmax(axis=1)
-        for i in np.flatnonzero(~(hit[:z] | ended[:z])).tolist():
+        # Byte j of eq is 1 where entry j of the key's home bucket holds it (keys are unique).
+        eq = (at == keys[:, None]).view(np.uint64).reshape(-1)
+        miss = np.flatnonzero(eq == 0)
+        z, later = n, miss
+        if miss.size:
+            ended = row_any(at[miss] == EMPTY)
+            absent = miss[ended]
+            if absent.size:
+                z = int(absent[0])
+            later = miss[~ended]
+            later = later[later < z]     # held elsewhere on the probe sequence, or absent further on
+        # The set byte's index: frexp's exponent of 2**(8j) is 8j + 1.
+        pos = (b[:z] << LOG_BUCKET) | ((np.frexp(eq[:z].astype(np.float64))[1] - 1) >> 3)
+        for i in later.tolist():
             p = self._find_scalar(int(keys[i]))
             if p < 0:
                 z = i

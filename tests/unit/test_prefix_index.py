@@ -538,3 +538,19 @@ def test_unmix_inverts_the_table_key_mix():
     keys = mix(h.copy(), salt)
     assert (unmix(keys, salt) == h).all()
     assert keys.tolist()[:50] == [mix_int(int(x), int(salt)) for x in h[:50]]
+
+
+def test_holder_lookup_of_a_prompt_is_exact_up_to_its_first_unheld_block_in_a_crowded_table():
+    from kvfleet.controller.router.holders import BlockHolders
+    rng = np.random.default_rng(0)
+    holders = BlockHolders(capacity=1024)
+    held = rng.integers(1, 2**64 - 1, 700, dtype=np.uint64)
+    holders.apply(held, np.arange(700) % 50, np.ones(700, np.int64))
+    assert holders.capacity == 1024                 # load 0.68: some keys overflow their home bucket
+    unheld = rng.integers(1, 2**64 - 1, 3, dtype=np.uint64)
+    for _ in range(300):
+        prompt = np.concatenate([rng.permutation(held)[: int(rng.integers(1, 700))], unheld[: int(rng.integers(0, 4))]])
+        count, xor, z = holders.lookup_prefix(prompt)
+        full_count, full_xor = holders.lookup(prompt)
+        assert z == (int(np.argmax(full_count == 0)) if (full_count == 0).any() else len(prompt))
+        assert (count[:z] == full_count[:z]).all() and (xor[:z] == full_xor[:z]).all() and not count[z:].any()
