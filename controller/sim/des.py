@@ -1,8 +1,8 @@
 """Discrete-event routing simulation in virtual time, with the production routing code.
 
 One process holds N :class:`SimEngineCore` s and one router. Per arrival the router does
-what production does: hash the prompt (:func:`kvfleet.hashing.block_hashes`), build a
-:class:`NodeView` per node from the core's ``load()`` and the index, and dispatch to the
+what production does: hash the prompt (:func:`kvfleet.hashing.block_hashes`), keep a
+row per node in a :class:`NodeTable` from the core's ``load()`` and the index, and dispatch to the
 first eligible candidate of the real policy's ``rank``. Engine KV events go through a
 per-node :class:`BlockTracker` (engine hashes -> canonical hashes) into the one
 :class:`PrefixIndex`, after ``kv_delay_s`` of virtual time (0: at the end of the step
@@ -14,9 +14,9 @@ the workload, one ahead), step completions, and delayed KV deliveries.
 What keeps it cheap (a 12,000-request, 64-node run is about a minute of wall time): the
 router reads the index and the nodes' load only when a request arrives, so KV events
 delivered between two arrivals are held per node and applied as one batch just before
-the next routing decision, and a node's :class:`NodeView` is rebuilt only if that node
-stepped, took a request or had KV events applied since the last arrival
-(:func:`node_views`). Both give the policy exactly the state it would see if every
+the next routing decision, and a node's row in the router's :class:`NodeTable` is
+rewritten only if that node stepped, took a request or had KV events applied since the
+last arrival (:func:`node_views`). Both give the policy exactly the state it would see if every
 event were applied at once. A node runs
 back-to-back steps while it has work; a step's outputs and events are visible at its
 end. Differences from production, all small: a request reaches the engine at the
@@ -45,7 +45,7 @@ from typing import Iterable, Iterator
 import numpy as np
 
 from kvfleet.controller.router.index import PrefixIndex
-from kvfleet.controller.router.policy import NodeView, RouteRequest, get_policy
+from kvfleet.controller.router.policy import NodeTable, NodeView, RouteRequest, get_policy
 from kvfleet.controller.sim.workloads import TraceRequest
 from kvfleet.hashing import block_hashes
 from kvfleet.node_agent.block_tracker import BlockTracker
@@ -159,27 +159,32 @@ class _Node:
     pending: list = field(default_factory=list)  # KV events delivered, not yet applied to the index
 
 
-def node_views(fleet: list[_Node], index: PrefixIndex, config: SimConfig, views: list[NodeView],
-               stale: set[int]) -> list[NodeView]:
-    """The policy's input: ``views`` (one per node, fleet order) with the nodes in ``stale``
-    rebuilt from their core's ``load()`` and the index, and ``stale`` emptied.
-
-    The one place the simulator builds what the router sees of a node. O(len(stale)).
-    """
-    bs = config.block_size
+def fleet_table(fleet: list[_Node], config: SimConfig) -> NodeTable:
+    """The router's table of ``fleet`` (one row per node, fleet order), every node idle;
+    :func:`node_views` keeps it current."""
     decode_tps = 1.0 / (config.decode_step_base_s + config.decode_step_per_seq_s)
+    return NodeTable.from_views(NodeView(
+        node_id=nd.node_id, address="", routable=True, block_size=config.block_size,
+        num_blocks=config.num_blocks, prefill_tokens_per_s=config.prefill_tokens_per_s,
+        decode_tokens_per_s=decode_tps, running=0, waiting=0, kv_usage=0.0, queued_prefill_tokens=0,
+        cached_blocks=0, slot=nd.slot,
+    ) for nd in fleet)
+
+
+def node_views(fleet: list[_Node], index: PrefixIndex, table: NodeTable, stale: set[int]) -> NodeTable:
+    """The policy's input: ``table`` with the rows of the nodes in ``stale`` rewritten from
+    their core's ``load()`` and the index, and ``stale`` emptied.
+
+    The one place the simulator writes what the router sees of a node, as the router's
+    fleet view does on a state change. O(len(stale)).
+    """
     for i in stale:
         nd = fleet[i]
         ld = nd.core.load()
-        views[i] = NodeView(
-            node_id=nd.node_id, address="", routable=True, block_size=bs,
-            num_blocks=config.num_blocks, prefill_tokens_per_s=config.prefill_tokens_per_s,
-            decode_tokens_per_s=decode_tps, running=ld.running, waiting=ld.waiting,
-            kv_usage=ld.kv_usage, queued_prefill_tokens=ld.queued_prefill_tokens,
-            cached_blocks=index.blocks_of(nd.slot), slot=nd.slot,
-        )
+        table.update(nd.node_id, running=ld.running, waiting=ld.waiting, kv_usage=ld.kv_usage,
+                     queued_prefill_tokens=ld.queued_prefill_tokens, cached_blocks=index.blocks_of(nd.slot))
     stale.clear()
-    return views
+    return table
 
 
 @dataclass(slots=True)
@@ -234,7 +239,7 @@ def simulate(workload: Iterable[TraceRequest], policy: str, config: SimConfig, n
     """Replays ``workload`` (arrivals times ``time_scale``) on ``nodes`` engines routed by
     the registered policy ``policy``. Deterministic.
 
-    Cost per arrival: hashing the prompt, rebuilding the views of the nodes that changed,
+    Cost per arrival: hashing the prompt, rewriting the table rows of the nodes that changed,
     one batched KV apply per node with new events, and the policy's ``rank``; per engine
     step: the core's ``step`` and one pass over its outputs.
     """
@@ -253,8 +258,8 @@ def simulate(workload: Iterable[TraceRequest], policy: str, config: SimConfig, n
     counter = 0
     steps = 0
     arrivals: Iterator[TraceRequest] = iter(workload)
-    views: list[NodeView] = [None] * nodes  # type: ignore[list-item]
-    stale: set[int] = set(range(nodes))     # nodes whose view is out of date
+    table = fleet_table(fleet, config)
+    stale: set[int] = set()                 # nodes whose row in ``table`` is out of date
     unapplied: set[int] = set()             # nodes with KV events not yet in the index
 
     def push(t: float, kind: int, payload: object) -> None:
@@ -314,7 +319,7 @@ def simulate(workload: Iterable[TraceRequest], policy: str, config: SimConfig, n
             req = RouteRequest(block_hashes(r.prompt, bs), n_prompt, bs, r.output_tokens)
             if unapplied:
                 apply_kv()
-            ranked = pol.rank(req, node_views(fleet, index, config, views, stale), index)
+            ranked = pol.rank(req, node_views(fleet, index, table, stale), index)
             if not ranked or not ranked[0].eligible:
                 raise ValueError(f"request {rid} ({n_prompt} prompt tokens) fits no node")
             i = by_id[ranked[0].node_id]
