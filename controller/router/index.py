@@ -129,13 +129,13 @@ class PrefixIndex:
     * ``store`` (each figure includes its share of the queued holder-count pass): on 20 M
       random pairs, old and new index run back to back, per CPU second: 1-block events
       ~260 k blocks (the previous single-table index: ~290 k), 16-block ~480 k (550 k),
-      256-block ~950 k (2.2 M). The bench's own run, on its fleet: 173 k / 383 k / 493 k
-      blocks per CPU second (103 k / 235 k / 290 k wall, on the busy box);
+      256-block ~950 k (2.2 M). The bench's own run, on its fleet: 254 k / 436 k / 585 k
+      blocks per CPU second (116 k / 263 k / 328 k wall, on the busy box);
     * ``contains``: one bucket read, ~2 us from Python;
-    * ``match`` of a 500-block prompt against 979 nodes: ~61 us p50 when all of them hold
-      its first 128 blocks and one holds 300 more (the per-node depth search,
-      :meth:`_match_search`: ~1.9 ms in the same run), ~51 us when 123 nodes hold a niche
-      prefix (0.7 ms);
+    * ``match`` of a 500-block prompt against 979 nodes: ~52 us p50 (CPU p99 162 us)
+      when all of them hold its first 128 blocks and one holds 300 more (the per-node
+      depth search, :meth:`_match_search`: ~1.2 ms p50 in the same run), ~46 us when 123
+      nodes hold a niche prefix (0.48 ms);
     * ``clear`` / ``remove_node``: one scan of the pair table (~60 ms at 20 M pairs) plus
       one vectorised holder pass over the node's blocks (not re-measured);
     * growing past MAX_LOAD rehashes a table: seconds at 20 M pairs, a stall for a
