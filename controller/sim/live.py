@@ -35,6 +35,7 @@ import asyncio
 import json
 import math
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -462,6 +463,8 @@ def run_live_policy(policy: str, requests: list[TraceRequest], config: SimConfig
             overhead["cpu"] = asyncio.run(router_cpu(fleet, overhead_requests))
     finally:
         fleet.stop()
+        # etcd preallocates ~60 MB of WAL; the logs (kept) are what a reader may want.
+        shutil.rmtree(data_dir / "etcd", ignore_errors=True)
     out = _summary(policy, results, makespan, time_scale, busy, preempt)
     msgs = out["messages"]
     out["router_cpu_s"] = cpu
