@@ -38,6 +38,7 @@ class ModelEntry(pydantic.BaseModel):
     tokenizer_digest: str = ""
     cache_tracking: Literal["exact", "approximate"] = "exact"
     engine: str = "sim"
+    max_num_batched_tokens: int = 0     # token budget of one engine step; 0: unknown
 
 
 class NodeEntry(pydantic.BaseModel):

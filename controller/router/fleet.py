@@ -73,6 +73,7 @@ class NodeConn:
     running: int = 0
     waiting: int = 0
     kv_usage: float = 0.0
+    decode_step_s: float = 0.0
     queued_prefill_tokens: int = 0
     cached_blocks: int = 0
     last_seq: int = 0
@@ -238,6 +239,7 @@ class Fleet:
             conn.pending_tokens -= conn.pending.pop(rid, 0)
         load = update.load
         conn.running, conn.waiting, conn.kv_usage = load.running, load.waiting, load.kv_usage
+        conn.decode_step_s = load.decode_step_s
         conn.queued_prefill_tokens, conn.cached_blocks = load.queued_prefill_tokens, load.cached_blocks
         was_routable = conn.routable
         conn.ready, conn.connected, conn.suspect = update.ready, True, False
@@ -317,9 +319,10 @@ class Fleet:
             node_id=c.entry.node_id, address=c.entry.address, routable=c.routable,
             block_size=m.block_size, num_blocks=m.num_blocks,
             prefill_tokens_per_s=m.prefill_tokens_per_s, decode_tokens_per_s=m.decode_tokens_per_s,
-            running=c.running, waiting=c.waiting, kv_usage=c.kv_usage,
+            running=c.running, waiting=c.waiting + len(c.pending), kv_usage=c.kv_usage,
             queued_prefill_tokens=c.queued_prefill_tokens + max(c.pending_tokens, 0),
             cached_blocks=c.cached_blocks, slot=-1 if slot is None else slot,
+            decode_step_s=c.decode_step_s, max_num_batched_tokens=m.max_num_batched_tokens,
         )
 
     def _sync(self, conn: NodeConn) -> None:

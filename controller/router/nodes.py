@@ -41,6 +41,8 @@ class NodeView:
     queued_prefill_tokens: int    # node-reported queue + tokens sent that it does not show yet
     cached_blocks: int            # blocks in the node's prefix cache
     slot: int                     # the node's slot in the PrefixIndex (-1 if none)
+    decode_step_s: float = 0.0    # one decode step at the node's current batch, s (0: idle or unknown)
+    max_num_batched_tokens: int = 0  # the engine's token budget per step (0: unknown)
 
 
 COLUMNS: dict[str, type] = {
@@ -55,6 +57,8 @@ COLUMNS: dict[str, type] = {
     "queued_prefill_tokens": np.int64,
     "cached_blocks": np.int64,
     "slot": np.int64,
+    "decode_step_s": np.float64,
+    "max_num_batched_tokens": np.int64,
 }
 """The numeric :class:`NodeView` fields, each one column of this dtype."""
 assert set(COLUMNS) | {"node_id", "address"} == {f.name for f in fields(NodeView)}

@@ -94,29 +94,56 @@ def predicted_cached_tokens(matched_blocks: int, prompt_tokens: int, block_size:
 
 # -- the cost ---------------------------------------------------------------------------------
 def estimated_ttft_s(queued_prefill_tokens: np.ndarray, uncached_tokens: np.ndarray, running: np.ndarray,
-                     prefill_tokens_per_s: np.ndarray) -> np.ndarray:
-    """kvfleet's cost: each node's estimated time to first token, seconds (vectorised).
+                     waiting: np.ndarray, prefill_tokens_per_s: np.ndarray, decode_step_s: np.ndarray,
+                     max_num_batched_tokens: np.ndarray) -> np.ndarray:
+    """kvfleet's cost, seconds, vectorised over nodes: the request's estimated time to
+    first token on each node plus the delay its prefill adds to requests that will
+    queue behind it there.
 
-    ``(queued_prefill_tokens + uncached_tokens + running) / prefill_tokens_per_s``
+    With ``Q`` = queued prefill tokens, ``U`` = this request's uncached tokens, ``R`` =
+    running sequences, ``W`` = waiting requests, ``rate`` = prefill tokens/s, ``D`` = the
+    node's current decode step (s), ``B`` = its token budget per step::
 
-    * queued + uncached: the prefill work queued ahead of this request plus its own, at
-      the node's prefill rate.
-    * running: decode interference. The engine step that runs this request's prefill
-      also runs one decode token for each running sequence (vLLM schedules running
-      requests first), and in that compute-bound step a decode token costs about what a
-      prefill token does. That is a lower bound: a long prefill spans several steps, but
-      how many depends on the engine's per-step token budget, which the view does not
-      carry, so the policy charges no more than it can justify.
+        work  = Q + U                                   tokens to prefill up to our first token
+        steps = ceil(work / (B - R))                    vLLM runs the R decodes first in each step
+        ttft  = work / rate + steps * D + (D / 2 if the node is busy)
+        cost  = ttft + sqrt(W) * U / rate
 
-    Not in the cost: ``decode_tokens_per_s`` (it sets the time per output token, not the
-    first one) and ``kv_usage`` (a full cache evicts, which costs later hits, not this
-    request's TTFT; a sequence that cannot fit at all is filtered out).
+    * ``work / rate``: the prefill queued ahead plus our own.
+    * ``steps * D``: every engine step that carries part of that prefill also decodes the
+      running batch, which takes ``D`` (reported by the node: its model on the sim
+      engine, the recent inter-token latency on vLLM). With ``B`` unknown (0) the
+      prefill is taken to fit one step. Where ``D`` is unknown the decode cost falls back
+      to ``R / rate`` (a decode token costs about a prefill token in a compute-bound
+      step).
+    * ``D / 2``: on a busy node a new request first waits for the step in progress,
+      half of one on average.
+    * ``sqrt(W) * U / rate``: the delay imposed on others. Requests that queue behind
+      this one on the node wait for its ``U`` prefill tokens; the node's current queue
+      ``W`` is the estimate of how many will. This is what makes a cache hit worth more
+      on a loaded fleet than on an idle one: a miss also costs everyone behind it. The
+      square root damps it: weighting by ``W`` itself lowered the mean TTFT a further
+      ~25 % on bursty traces but let the cache holders' queues grow until p99 rose
+      ~20 %; ``sqrt(W)`` keeps p99 at the best baseline's (docs/routing.md).
+
+    There are no thresholds: every term is seconds derived from the node's reported
+    state. Not in the cost: ``kv_usage`` beyond the decode step (a full cache evicts,
+    which costs later hits, not this request's TTFT; a sequence that cannot fit at all
+    is filtered out).
 
     All arguments are arrays over the same nodes, with rates > 0 (:func:`evaluate` passes
     every row, with rate 1 for ineligible ones, and sets their cost to ``inf``). This is
     the one place the formula lives.
     """
-    return (queued_prefill_tokens + uncached_tokens + running) / prefill_tokens_per_s
+    work = queued_prefill_tokens + uncached_tokens
+    r = running.astype(np.float64)
+    step = np.where(decode_step_s > 0, decode_step_s, r / prefill_tokens_per_s)
+    step = np.where(running > 0, step, 0.0)
+    per_step = np.maximum(max_num_batched_tokens - running, 1)
+    steps = np.where(max_num_batched_tokens > 0, np.ceil(work / per_step), 1.0)
+    busy = (running > 0) | (queued_prefill_tokens > 0)
+    ttft = work / prefill_tokens_per_s + steps * step + np.where(busy, 0.5 * step, 0.0)
+    return ttft + np.sqrt(waiting) * uncached_tokens / prefill_tokens_per_s
 
 
 # -- shared filter + evaluation ---------------------------------------------------------------
@@ -176,7 +203,8 @@ def evaluate(request: RouteRequest, nodes: Nodes, index: PrefixIndex) -> Evaluat
         matched[lookup] = index.match(request.block_hashes, slot[lookup])
     cached = np.minimum(matched, max(prompt - 1, 0) // bs) * bs
     uncached = prompt - cached
-    cost = estimated_ttft_s(t.queued_prefill_tokens, uncached, t.running, np.where(eligible, rate, 1.0))
+    cost = estimated_ttft_s(t.queued_prefill_tokens, uncached, t.running, t.waiting, np.where(eligible, rate, 1.0),
+                            t.decode_step_s, t.max_num_batched_tokens)
     cost[~eligible] = np.inf
     return Evaluation(t, eligible, cached, uncached, cost, bs, need_blocks)
 

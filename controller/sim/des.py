@@ -167,7 +167,7 @@ def fleet_table(fleet: list[_Node], config: SimConfig) -> NodeTable:
         node_id=nd.node_id, address="", routable=True, block_size=config.block_size,
         num_blocks=config.num_blocks, prefill_tokens_per_s=config.prefill_tokens_per_s,
         decode_tokens_per_s=decode_tps, running=0, waiting=0, kv_usage=0.0, queued_prefill_tokens=0,
-        cached_blocks=0, slot=nd.slot,
+        cached_blocks=0, slot=nd.slot, max_num_batched_tokens=config.max_num_batched_tokens,
     ) for nd in fleet)
 
 
@@ -182,7 +182,8 @@ def node_views(fleet: list[_Node], index: PrefixIndex, table: NodeTable, stale: 
         nd = fleet[i]
         ld = nd.core.load()
         table.update(nd.node_id, running=ld.running, waiting=ld.waiting, kv_usage=ld.kv_usage,
-                     queued_prefill_tokens=ld.queued_prefill_tokens, cached_blocks=index.blocks_of(nd.slot))
+                     queued_prefill_tokens=ld.queued_prefill_tokens, cached_blocks=index.blocks_of(nd.slot),
+                     decode_step_s=ld.decode_step_s)
     stale.clear()
     return table
 

@@ -191,3 +191,18 @@ def test_node_table_upsert_update_remove_take_and_id_order():
     for _ in range(40):                             # growth keeps every row
         t.upsert(dataclasses.replace(views[0], node_id=f"z{_:02d}"))
     assert len(t) == 44 and t.row_of("e") == 3 and t[3].slot == 7
+
+
+def test_decode_step_step_budget_and_requests_sent_but_not_yet_shown_reach_the_table():
+    f, conn = fleet_with()
+    conn.entry.models[0].max_num_batched_tokens = 4096
+    u = update(1, snapshot=True)
+    u.load.running, u.load.waiting, u.load.decode_step_s = 3, 2, 0.025
+    f.apply_update(conn, u)
+    f.add_pending("n1", "r1", 100)
+    f.add_pending("n1", "r2", 50)
+    t = f.columns(MODEL)
+    assert (t.running[0], t.waiting[0], t.queued_prefill_tokens[0]) == (3, 2 + 2, 150)
+    assert t.decode_step_s[0] == pytest.approx(0.025) and t.max_num_batched_tokens[0] == 4096
+    f.apply_update(conn, update(2, accepted=["r1"]))             # the node now counts r1 itself
+    assert (t.waiting[0], t.queued_prefill_tokens[0], t.decode_step_s[0]) == (0 + 1, 50, 0.0)

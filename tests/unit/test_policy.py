@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import dataclasses
 import random
 
@@ -103,7 +105,7 @@ def test_kvfleet_prefers_the_node_holding_the_prefix_with_exact_costs():
     assert all(c.eligible and c.reason == "" for c in ranked)
 
 
-def test_kvfleet_cost_adds_queue_and_one_decode_token_per_running_sequence():
+def test_kvfleet_cost_without_a_reported_decode_step_charges_a_prefill_token_per_running_sequence():
     idx = PrefixIndex()
     nodes = [
         view("a", idx.add_node("a"), queued_prefill_tokens=300, running=20),
@@ -111,8 +113,9 @@ def test_kvfleet_cost_adds_queue_and_one_decode_token_per_running_sequence():
         view("c", idx.add_node("c"), queued_prefill_tokens=0, running=40, prefill_tokens_per_s=2000.0),
     ]
     ranked = get_policy("kvfleet").rank(request(chain(2, 10), 160), nodes, idx)
-    assert {c.node_id: c.cost_s for c in ranked} == {
-        "a": (300 + 160 + 20) / 1000, "b": (300 + 160) / 1000, "c": (160 + 40) / 2000}
+    # work / rate, plus one step of R decode tokens, plus half a step waited for (busy nodes)
+    assert {c.node_id: c.cost_s for c in ranked} == pytest.approx({
+        "a": (300 + 160) / 1000 + 20 / 1000 * 1.5, "b": (300 + 160) / 1000, "c": 160 / 2000 + 40 / 2000 * 1.5})
     assert [c.node_id for c in ranked] == ["c", "b", "a"]
     assert ranked[1].queued_prefill_tokens == 300
 
@@ -278,6 +281,21 @@ def test_kvfleet_rank_is_pure_same_inputs_same_output_and_index_untouched():
 
 
 # -- vectorised ranking vs a plain-Python per-node reference --------------------------------
+def scalar_cost(v: NodeView, uncached: int) -> float:
+    """kvfleet's cost for one node, written out step by step (the docstring's formula)."""
+    work = v.queued_prefill_tokens + uncached
+    if v.running == 0:
+        step = 0.0
+    elif v.decode_step_s > 0:
+        step = v.decode_step_s
+    else:
+        step = v.running / v.prefill_tokens_per_s
+    steps = math.ceil(work / max(v.max_num_batched_tokens - v.running, 1)) if v.max_num_batched_tokens > 0 else 1
+    busy = v.running > 0 or v.queued_prefill_tokens > 0
+    ttft = work / v.prefill_tokens_per_s + steps * step + (step / 2 if busy else 0.0)
+    return ttft + math.sqrt(v.waiting) * uncached / v.prefill_tokens_per_s
+
+
 def reference_rank(name: str, req: RouteRequest, nodes: list[NodeView], held: dict[str, set[int]]) -> list[tuple]:
     """The policies as a plain loop over nodes: eligibility, leading-run match, the cost,
     the order (ties by node id), then the ineligible by id."""
@@ -293,7 +311,7 @@ def reference_rank(name: str, req: RouteRequest, nodes: list[NodeView], held: di
                     break
                 m += 1
         cached = predicted_cached_tokens(m, prompt, bs)
-        cost = (v.queued_prefill_tokens + prompt - cached + v.running) / v.prefill_tokens_per_s if ok else float("inf")
+        cost = scalar_cost(v, prompt - cached) if ok else float("inf")
         rows.append((v, ok, cached, cost))
     elig = [r for r in rows if r[1]]
     if name == "kvfleet":
@@ -373,6 +391,29 @@ def test_a_ranking_is_a_snapshot_when_the_table_changes_later():
         ("b", 0, True), ("c", 0, True), ("a", 500, True)]
 
 
-def test_estimated_ttft_is_queue_plus_uncached_plus_running_over_the_prefill_rate():
-    got = estimated_ttft_s(np.array([100, 0]), np.array([900, 50]), np.array([0, 50]), np.array([1000.0, 100.0]))
-    assert got.tolist() == [1.0, 1.0]
+def test_estimated_ttft_counts_prefill_work_the_decode_steps_it_spans_and_the_delay_it_imposes():
+    a = np.array
+    got = estimated_ttft_s(
+        queued_prefill_tokens=a([0, 0, 3000, 3000, 0]), uncached_tokens=a([1000, 1000, 1000, 1000, 1000]),
+        running=a([0, 10, 10, 10, 0]), waiting=a([0, 0, 0, 4, 9]), prefill_tokens_per_s=a([1000.0] * 5),
+        decode_step_s=a([0.0, 0.02, 0.02, 0.02, 0.0]), max_num_batched_tokens=a([2048, 2048, 2048, 2048, 0]))
+    assert got.tolist() == pytest.approx([
+        1.0,                                   # idle: the prefill alone
+        1.0 + 0.02 + 0.01,                     # one mixed step, plus half a step in progress
+        4.0 + 2 * 0.02 + 0.01,                 # 4,000 tokens at 2,038 per step: 2 steps
+        4.0 + 2 * 0.02 + 0.01 + 2 * 1.0,       # and sqrt(4) requests behind wait for its 1 s of prefill
+        1.0 + 3 * 1.0,                         # budget unknown: one step; sqrt(9) behind
+    ])
+
+
+def test_kvfleet_a_hit_is_worth_more_on_a_loaded_fleet():
+    """Same queues ahead, same hit: on an idle fleet the empty node wins (recomputing is
+    quicker than waiting), once requests wait everywhere the holder wins, because a miss
+    also delays everyone queued behind it."""
+    idx = PrefixIndex()
+    h = chain(5, 64)                                   # 1,024 tokens
+    for waiting, winner in ((0, "empty"), (9, "holder")):
+        nodes = [view("holder", idx.add_node("holder"), queued_prefill_tokens=1200, waiting=waiting),
+                 view("empty", idx.add_node("empty"), queued_prefill_tokens=0, waiting=waiting)]
+        idx.store(nodes[0].slot, h[:60])
+        assert get_policy("kvfleet").rank(request(h, 1024), nodes, idx)[0].node_id == winner

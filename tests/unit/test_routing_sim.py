@@ -56,11 +56,11 @@ def test_router_follows_kv_events_into_the_index_and_spreads_new_prefixes():
 
 
 def test_delayed_kv_events_hide_a_prefix_from_the_router_until_they_land():
-    shared = toks(1, 8)
-    trace = [req(0.0, shared, toks(2, 4)), req(0.02, shared, toks(3, 5))]
+    shared = toks(1, 40)                                  # 40 ms of prefill: worth waiting for a step
+    trace = [req(0.0, shared, toks(2, 4), out=10), req(0.06, shared, toks(3, 5))]
     now = simulate(trace, "kvfleet", TINY, 2)
     late = simulate(trace, "kvfleet", TINY, 2, kv_delay_s=1.0)
-    assert [r.node for r in now.requests] == [0, 0] and now.requests[1].cached_tokens == 8
+    assert [r.node for r in now.requests] == [0, 0] and now.requests[1].cached_tokens == 40
     assert [r.node for r in late.requests] == [0, 1] and late.requests[1].cached_tokens == 0
 
 
