@@ -60,7 +60,7 @@ class RequestError(Exception):
 class Prepared:
     request_id: str
     model: str
-    tokens: list[int]
+    tokens: np.ndarray           # uint32 prompt token ids (read-only)
     tokenizer: Tokenizer
     max_tokens: int
     tier: int
@@ -117,11 +117,12 @@ class RouterService(pbg.InferenceServicer):
         # encode_ids/encode_chat_ids reuse the ids of segments seen before (system prompt,
         # tools, earlier turns), exactly; only new text is encoded.
         if kind == "text":
-            tokens = tok.encode_ids(request.text).tolist()
+            tokens = tok.encode_ids(request.text)
         elif kind == "token_ids":
-            tokens = list(request.token_ids.ids)
-            if tokens and max(tokens) >= tok.vocab_size:  # max() is C; the search runs only on error
-                bad = next(t for t in tokens if t >= tok.vocab_size)
+            ids = request.token_ids.ids
+            tokens = np.fromiter(ids, np.int64, len(ids))
+            if tokens.size and (tokens.max() >= tok.vocab_size or tokens.min() < 0):
+                bad = next(t for t in ids if not 0 <= t < tok.vocab_size)
                 raise RequestError(grpc.StatusCode.INVALID_ARGUMENT,
                                    f"token id {bad} is outside the vocabulary (size {tok.vocab_size})")
         elif kind == "chat":
@@ -129,13 +130,14 @@ class RouterService(pbg.InferenceServicer):
             if not msgs:
                 raise RequestError(grpc.StatusCode.INVALID_ARGUMENT, "chat has no messages")
             try:
-                tokens = tok.encode_chat_ids(msgs).tolist()
+                tokens = tok.encode_chat_ids(msgs)
             except Exception as exc:
                 raise RequestError(grpc.StatusCode.INVALID_ARGUMENT, f"chat template failed: {exc}") from exc
         else:
-            tokens = []
+            tokens = np.zeros(0, np.uint32)
+        tokens = np.asarray(tokens, dtype=np.uint32)
         tokenize_us = (time.perf_counter() - t0) * 1e6
-        if not tokens:
+        if not tokens.size:
             raise RequestError(grpc.StatusCode.INVALID_ARGUMENT, "prompt is empty")
         max_len = min(c.models[request.model].max_model_len for c in serving)
         if len(tokens) + max_tokens > max_len:
@@ -207,10 +209,10 @@ class RouterService(pbg.InferenceServicer):
         last_error = "no ready node"
         while attempts < self.max_attempts:
             ranked = self.rank(p, exclude=tried)
-            eligible = [c for c in ranked.candidates if c.eligible]
-            if not eligible:
+            # The ranking builds candidates as they are read: take the first eligible only.
+            cand = next((c for c in ranked.candidates if c.eligible), None)
+            if cand is None:
                 break
-            cand = eligible[0]
             attempts += 1
             tried.add(cand.node_id)
             conn = self.fleet.nodes.get(cand.node_id)
@@ -222,7 +224,7 @@ class RouterService(pbg.InferenceServicer):
             node_req = npb.NodeGenerateRequest(
                 # Unique per attempt even when clients reuse request ids: the node's
                 # engine and this router's pending count are keyed by it.
-                request_id=f"{p.request_id}/{uuid.uuid4().hex[:12]}/{attempts}", model=p.model, prompt_token_ids=p.tokens,
+                request_id=f"{p.request_id}/{uuid.uuid4().hex[:12]}/{attempts}", model=p.model, prompt_token_ids=p.tokens.tolist(),
                 sampling=request.sampling, tier=p.tier,
             )
             self.fleet.add_pending(cand.node_id, node_req.request_id, cand.uncached_tokens)
