@@ -19,9 +19,11 @@ rewritten only if that node stepped, took a request or had KV events applied sin
 last arrival (:func:`node_views`). Both give the policy exactly the state it would see if every
 event were applied at once. A node runs
 back-to-back steps while it has work; a step's outputs and events are visible at its
-end. Differences from production, all small: a request reaches the engine at the
-instant it is routed (no network), and the router sees load at once (production adds
-"sent but not yet reported" tokens to get the same effect).
+end. The router sees a node as production's router does: the load the node published
+at the end of its last step (a node agent publishes on each engine step), plus the
+requests the router sent it since, counted with their predicted uncached tokens.
+Differences from production, all small: a request reaches the engine at the instant it
+is routed (no network), and a node's state reaches the router with no delay.
 
 Offered load (:func:`capacity_scale`): a request's work on one node, in seconds, is
 ``prompt / prefill_tokens_per_s + output * t_tok(ctx)``, where ``t_tok`` is the decode
@@ -49,7 +51,7 @@ from kvfleet.controller.router.policy import NodeTable, NodeView, RouteRequest, 
 from kvfleet.controller.sim.workloads import TraceRequest
 from kvfleet.hashing import block_hashes
 from kvfleet.node_agent.block_tracker import BlockTracker
-from kvfleet.node_agent.engine import EngineRequest
+from kvfleet.node_agent.engine import EngineRequest, LoadSnapshot
 from kvfleet.node_agent.engines.sim_core import SimConfig, SimEngineCore, StepResult
 from kvfleet.node_agent.kv_events import KVEventBatch
 
@@ -157,6 +159,9 @@ class _Node:
     busy_s: float = 0.0               # sum of step durations
     seq: int = -1                     # KV batch sequence number, as the node agent numbers it
     pending: list = field(default_factory=list)  # KV events delivered, not yet applied to the index
+    published: LoadSnapshot = field(default_factory=lambda: LoadSnapshot(0, 0, 0.0, 0))  # load as of its last step end
+    sent: int = 0                     # requests the router sent since then
+    sent_tokens: int = 0              # their uncached tokens, as the router predicted them
 
 
 def fleet_table(fleet: list[_Node], config: SimConfig) -> NodeTable:
@@ -173,17 +178,18 @@ def fleet_table(fleet: list[_Node], config: SimConfig) -> NodeTable:
 
 def node_views(fleet: list[_Node], index: PrefixIndex, table: NodeTable, stale: set[int]) -> NodeTable:
     """The policy's input: ``table`` with the rows of the nodes in ``stale`` rewritten from
-    their core's ``load()`` and the index, and ``stale`` emptied.
+    the load each node last published (at the end of its last step) plus the requests the
+    router sent it since, and the index; ``stale`` emptied.
 
     The one place the simulator writes what the router sees of a node, as the router's
-    fleet view does on a state change. O(len(stale)).
+    fleet view does on a state change (node state plus its own pending requests). O(len(stale)).
     """
     for i in stale:
         nd = fleet[i]
-        ld = nd.core.load()
-        table.update(nd.node_id, running=ld.running, waiting=ld.waiting, kv_usage=ld.kv_usage,
-                     queued_prefill_tokens=ld.queued_prefill_tokens, cached_blocks=index.blocks_of(nd.slot),
-                     decode_step_s=ld.decode_step_s)
+        ld = nd.published
+        table.update(nd.node_id, running=ld.running, waiting=ld.waiting + nd.sent, kv_usage=ld.kv_usage,
+                     queued_prefill_tokens=ld.queued_prefill_tokens + nd.sent_tokens,
+                     cached_blocks=index.blocks_of(nd.slot), decode_step_s=ld.decode_step_s)
     stale.clear()
     return table
 
@@ -295,15 +301,22 @@ def simulate(workload: Iterable[TraceRequest], policy: str, config: SimConfig, n
             stale.add(i)
         unapplied.clear()
 
+    def publish(i: int) -> None:
+        # The node's state update at a step end: its engine's load now, which counts
+        # every request the router sent it so far.
+        n = fleet[i]
+        n.published, n.sent, n.sent_tokens = n.core.load(), 0, 0
+        stale.add(i)
+
     def start_step(i: int, t: float) -> None:
         nonlocal steps
         n = fleet[i]
-        res = n.core.step(t)
+        res = n.core.step(t)          # the core is now past this step; the router sees it at the step's end
         steps += 1
-        stale.add(i)
         if res.duration_s <= 0 and not res.outputs:
             # Nothing could be scheduled (cannot happen while a request is running or fits).
             n.busy = False
+            publish(i)
             return
         n.busy = True
         n.busy_s += res.duration_s
@@ -332,6 +345,8 @@ def simulate(workload: Iterable[TraceRequest], policy: str, config: SimConfig, n
             fleet[i].core.add_request(
                 EngineRequest(request_id=rid, prompt_token_ids=r.prompt.tolist(), max_tokens=r.output_tokens,
                               temperature=0.0, seed=len(results)), now)
+            fleet[i].sent += 1
+            fleet[i].sent_tokens += ranked[0].uncached_tokens
             stale.add(i)
             if not fleet[i].busy:
                 start_step(i, now)
@@ -356,6 +371,7 @@ def simulate(workload: Iterable[TraceRequest], policy: str, config: SimConfig, n
                     push(now + kv_delay_s, _KV, (i, res.events))
                 else:
                     deliver(i, res.events)
+            publish(i)
             if n.core.has_work():
                 start_step(i, now)
             else:

@@ -64,6 +64,27 @@ def test_delayed_kv_events_hide_a_prefix_from_the_router_until_they_land():
     assert [r.node for r in late.requests] == [0, 1] and late.requests[1].cached_tokens == 0
 
 
+def test_the_router_sees_a_node_as_of_its_last_step_end_plus_what_it_sent_since(monkeypatch):
+    """A node agent publishes its load when an engine step ends; in between, the router
+    knows only what it sent. So a request arriving mid-step sees the step's work as
+    still queued, not the state the simulated engine has already advanced to."""
+    seen = []
+
+    class Spy:
+        def rank(self, request, nodes, index):
+            t = nodes if hasattr(nodes, "queued_prefill_tokens") else None
+            seen.append((t.queued_prefill_tokens.tolist(), t.waiting.tolist(), t.running.tolist()))
+            return get_policy("round_robin").rank(request, nodes, index)
+
+    monkeypatch.setitem(POLICIES, "spy", Spy)
+    a, b = toks(7, 12), toks(8, 12)
+    # A: 12 tokens, one 12 ms prefill step; B arrives at 5 ms (mid-step), C at 20 ms (after it).
+    simulate([req(0.0, a, out=4), req(0.005, b), req(0.020, toks(9, 12))], "spy", TINY, 1)
+    assert seen[0] == ([0], [0], [0])                   # idle fleet
+    assert seen[1] == ([12], [1], [0])                  # A as the router sent it: 12 tokens, not yet admitted
+    assert seen[2] == ([12], [1], [1])                  # step end: A decoding, B waiting with its 12 tokens
+
+
 def test_simulation_is_deterministic():
     wl = SharedPrefix(groups=4, per_group=4, system_tokens=64, question_tokens=8, output_tokens=4)
     cfg = TINY.model_copy(update={"vocab_size": 32_000, "max_model_len": 128, "num_blocks": 256})
