@@ -124,7 +124,7 @@ def verdict(report: dict) -> dict:
                 check("TTFT mean / dynamo", r, "<", 1.0)
             else:
                 check(f"TTFT mean / {name}", r, "<=", STRONG_MARGIN)
-    misses = [f"{c['name']} is {c['value']:.3f}, needs {c['op']} {c['limit']}" for c in checks if not c["pass"]]
+    misses = [f"{c['name']} is {c['value']:.4g}, needs {c['op']} {c['limit']}" for c in checks if not c["pass"]]
     return {"pass": not misses, "ratios": ratios, "checks": checks, "misses": misses}
 
 
@@ -210,12 +210,15 @@ def run_cell(cell: Cell, requests: int | None, policies: str, preset: str, trace
 
 
 def load_reports(out: Path, cells: list[Cell]) -> list[tuple[Cell, dict]]:
-    """The reports already written for ``cells``, in matrix order."""
+    """The reports already written for ``cells``, in matrix order, each judged again (so a
+    change to the targets needs no re-run)."""
     got = []
     for c in cells:
         p = out / f"{c.name}.json"
         if p.exists():
-            got.append((c, json.loads(p.read_text())))
+            rep = json.loads(p.read_text())
+            rep["verdict"] = verdict(rep)
+            got.append((c, rep))
     return got
 
 
