@@ -29,13 +29,15 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable, Iterator, Protocol, Sequence, overload
 
+import math
+
 import numpy as np
 
 from kvfleet.controller.router.index import PrefixIndex
 from kvfleet.controller.router.nodes import NodeTable, NodeView
 
 __all__ = [
-    "POLICIES", "Candidate", "Evaluation", "NodeTable", "NodeView", "Policy", "Ranking", "RouteRequest",
+    "POLICIES", "ArrivalRate", "Candidate", "Evaluation", "NodeTable", "NodeView", "Policy", "Ranking", "RouteRequest",
     "as_table", "candidates", "estimated_ttft_s", "evaluate", "get_policy", "predicted_cached_tokens", "register",
 ]
 
@@ -52,6 +54,35 @@ class RouteRequest:
     prompt_tokens: int            # prompt length, tokens
     block_size: int               # tokens per block the hashes were computed with
     max_tokens: int               # completion budget, tokens
+    arrival_rate: float = 0.0     # requests/s arriving for this model (the router's recent rate; 0: unknown)
+
+
+class ArrivalRate:
+    """Requests per second, as an exponentially weighted rate with time constant ``tau_s``:
+    each arrival adds ``1 / tau_s`` and the rate decays by ``exp(-dt / tau_s)``. The caller
+    passes the clock, so the estimator is a pure function of the arrival times. A steady
+    stream of ``r`` requests/s converges to ``r``."""
+
+    __slots__ = ("tau_s", "_rate", "_t")
+
+    def __init__(self, tau_s: float = 5.0) -> None:
+        if not tau_s > 0:
+            raise ValueError("tau_s must be > 0")
+        self.tau_s, self._rate, self._t = tau_s, 0.0, None
+
+    def arrive(self, now: float) -> float:
+        """Counts one arrival at ``now`` (seconds, non-decreasing); returns the rate including it."""
+        if self._t is not None:
+            self._rate *= math.exp(-max(now - self._t, 0.0) / self.tau_s)
+        self._rate += 1.0 / self.tau_s
+        self._t = now
+        return self._rate
+
+    def peek(self, now: float) -> float:
+        """The rate at ``now`` without counting an arrival."""
+        if self._t is None:
+            return 0.0
+        return self._rate * math.exp(-max(now - self._t, 0.0) / self.tau_s)
 
 
 @dataclass(frozen=True, slots=True)
@@ -94,20 +125,20 @@ def predicted_cached_tokens(matched_blocks: int, prompt_tokens: int, block_size:
 
 # -- the cost ---------------------------------------------------------------------------------
 def estimated_ttft_s(queued_prefill_tokens: np.ndarray, uncached_tokens: np.ndarray, running: np.ndarray,
-                     waiting: np.ndarray, prefill_tokens_per_s: np.ndarray, decode_step_s: np.ndarray,
-                     max_num_batched_tokens: np.ndarray) -> np.ndarray:
+                     prefill_tokens_per_s: np.ndarray, decode_step_s: np.ndarray,
+                     max_num_batched_tokens: np.ndarray, arrivals_per_node_s: float) -> np.ndarray:
     """kvfleet's cost, seconds, vectorised over nodes: the request's estimated time to
-    first token on each node plus the delay its prefill adds to requests that will
-    queue behind it there.
+    first token on each node plus the delay its prefill adds to the requests that will
+    arrive at that node while it is ahead of them.
 
     With ``Q`` = queued prefill tokens, ``U`` = this request's uncached tokens, ``R`` =
-    running sequences, ``W`` = waiting requests, ``rate`` = prefill tokens/s, ``D`` = the
-    node's current decode step (s), ``B`` = its token budget per step::
+    running sequences, ``rate`` = prefill tokens/s, ``D`` = the node's current decode
+    step (s), ``B`` = its token budget per step, ``lam`` = requests/s arriving per node::
 
         work  = Q + U                                   tokens to prefill up to our first token
         steps = ceil(work / (B - R))                    vLLM runs the R decodes first in each step
         ttft  = work / rate + steps * D + (D / 2 if the node is busy)
-        cost  = ttft + sqrt(W) * U / rate
+        cost  = ttft + (lam * ttft) * U / rate
 
     * ``work / rate``: the prefill queued ahead plus our own.
     * ``steps * D``: every engine step that carries part of that prefill also decodes the
@@ -118,22 +149,21 @@ def estimated_ttft_s(queued_prefill_tokens: np.ndarray, uncached_tokens: np.ndar
       step).
     * ``D / 2``: on a busy node a new request first waits for the step in progress,
       half of one on average.
-    * ``sqrt(W) * U / rate``: the delay imposed on others. Requests that queue behind
-      this one on the node wait for its ``U`` prefill tokens; the node's current queue
-      ``W`` is the estimate of how many will. This is what makes a cache hit worth more
-      on a loaded fleet than on an idle one: a miss also costs everyone behind it. The
-      square root damps it: weighting by ``W`` itself lowered the mean TTFT a further
-      ~25 % on bursty traces but let the cache holders' queues grow until p99 rose
-      ~20 %; ``sqrt(W)`` keeps p99 at the best baseline's (docs/routing.md).
+    * ``(lam * ttft) * U / rate``: the delay imposed on others. The requests that reach
+      the node while this one is queued or prefilling (``lam * ttft`` of them, by
+      Little's law) wait for its ``U`` prefill tokens. This is what makes a cache hit
+      worth more on a busy fleet than on an idle one: recomputing a prefix on an empty
+      node costs that node's next arrivals the recomputation, and the busier the fleet,
+      the more of them there are. At ``lam = 0`` (no traffic yet) the cost is the TTFT.
 
-    There are no thresholds: every term is seconds derived from the node's reported
-    state. Not in the cost: ``kv_usage`` beyond the decode step (a full cache evicts,
-    which costs later hits, not this request's TTFT; a sequence that cannot fit at all
-    is filtered out).
+    There are no thresholds: every term is seconds derived from the nodes' reports and
+    the arrival rate. Not in the cost: ``kv_usage`` beyond the decode step (a full cache
+    evicts, which costs later hits, not this request's TTFT; a sequence that cannot fit at
+    all is filtered out).
 
-    All arguments are arrays over the same nodes, with rates > 0 (:func:`evaluate` passes
-    every row, with rate 1 for ineligible ones, and sets their cost to ``inf``). This is
-    the one place the formula lives.
+    All arguments but the rate are arrays over the same nodes, with rates > 0
+    (:func:`evaluate` passes every row, with rate 1 for ineligible ones, and sets their
+    cost to ``inf``). This is the one place the formula lives.
     """
     work = queued_prefill_tokens + uncached_tokens
     r = running.astype(np.float64)
@@ -143,7 +173,7 @@ def estimated_ttft_s(queued_prefill_tokens: np.ndarray, uncached_tokens: np.ndar
     steps = np.where(max_num_batched_tokens > 0, np.ceil(work / per_step), 1.0)
     busy = (running > 0) | (queued_prefill_tokens > 0)
     ttft = work / prefill_tokens_per_s + steps * step + np.where(busy, 0.5 * step, 0.0)
-    return ttft + np.sqrt(waiting) * uncached_tokens / prefill_tokens_per_s
+    return ttft * (1.0 + arrivals_per_node_s * uncached_tokens / prefill_tokens_per_s)
 
 
 # -- shared filter + evaluation ---------------------------------------------------------------
@@ -203,8 +233,9 @@ def evaluate(request: RouteRequest, nodes: Nodes, index: PrefixIndex) -> Evaluat
         matched[lookup] = index.match(request.block_hashes, slot[lookup])
     cached = np.minimum(matched, max(prompt - 1, 0) // bs) * bs
     uncached = prompt - cached
-    cost = estimated_ttft_s(t.queued_prefill_tokens, uncached, t.running, t.waiting, np.where(eligible, rate, 1.0),
-                            t.decode_step_s, t.max_num_batched_tokens)
+    per_node = request.arrival_rate / max(int(np.count_nonzero(eligible)), 1)
+    cost = estimated_ttft_s(t.queued_prefill_tokens, uncached, t.running, np.where(eligible, rate, 1.0),
+                            t.decode_step_s, t.max_num_batched_tokens, per_node)
     cost[~eligible] = np.inf
     return Evaluation(t, eligible, cached, uncached, cost, bs, need_blocks)
 

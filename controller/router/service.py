@@ -21,7 +21,7 @@ from prometheus_client import Counter, Histogram
 from kvfleet.hashing import block_hashes
 from kvfleet.tokenizer import IncrementalDetokenizer, Tokenizer
 from kvfleet.controller.router.fleet import Fleet
-from kvfleet.controller.router.policy import Candidate, RouteRequest, get_policy
+from kvfleet.controller.router.policy import ArrivalRate, Candidate, RouteRequest, get_policy
 from kvfleet.controller.router.stops import StopMatcher
 from kvfleet.controller.router.tokenizers import TokenizerCache, TokenizerUnavailable
 from kvfleet.v1 import common_pb2 as cpb
@@ -66,6 +66,7 @@ class Prepared:
     tier: int
     deadline: float | None       # time.monotonic() seconds
     tokenize_us: float
+    arrival_rate: float = 0.0    # requests/s this router receives for the model, this one included
 
 
 @dataclass(frozen=True, slots=True)
@@ -86,9 +87,13 @@ class RouterService(pbg.InferenceServicer):
         self.policy = get_policy(policy)
         self.first_token_timeout_s = first_token_timeout_s
         self.max_attempts = max_attempts
+        self._arrivals: dict[str, ArrivalRate] = {}   # model -> rate of Generate calls routed for it
 
     # -- validation and tokenisation -------------------------------------------------------------
-    async def prepare(self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext) -> Prepared:
+    async def prepare(self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext,
+                      arrival: bool = True) -> Prepared:
+        """Validates and tokenises ``request``. ``arrival``: count it in the model's arrival
+        rate (Generate does; ExplainRoute only reads the rate)."""
         if not request.model:
             raise RequestError(grpc.StatusCode.INVALID_ARGUMENT, "model is required")
         if request.tier == cpb.TIER_BATCH:
@@ -145,9 +150,12 @@ class RouterService(pbg.InferenceServicer):
                 grpc.StatusCode.INVALID_ARGUMENT,
                 f"prompt ({len(tokens)} tokens) plus max_tokens ({max_tokens}) exceeds the model's context of {max_len} tokens",
             )
+        rates = self._arrivals.setdefault(request.model, ArrivalRate())
+        now = time.monotonic()
         return Prepared(
             request_id=request.request_id or uuid.uuid4().hex, model=request.model, tokens=tokens, tokenizer=tok,
             max_tokens=max_tokens, tier=request.tier or cpb.TIER_DEFAULT, deadline=deadline, tokenize_us=tokenize_us,
+            arrival_rate=rates.arrive(now) if arrival else rates.peek(now),
         )
 
     def rank(self, p: Prepared, exclude: set[str] = frozenset()) -> Ranked:  # type: ignore[assignment]
@@ -167,7 +175,8 @@ class RouterService(pbg.InferenceServicer):
             all_hashes[bs] = hashes
             t1 = time.perf_counter()
             index = self.fleet.index.get_or_create(p.model, bs)
-            ranking = self.policy.rank(RouteRequest(hashes, len(p.tokens), bs, p.max_tokens), group, index)
+            ranking = self.policy.rank(RouteRequest(hashes, len(p.tokens), bs, p.max_tokens, p.arrival_rate),
+                                       group, index)
             out = ranking if len(sizes) == 1 else [*out, *ranking]
             decide_s += time.perf_counter() - t1
             hash_s += t1 - t0
@@ -327,7 +336,7 @@ class RouterService(pbg.InferenceServicer):
         if not request.sampling.max_tokens:
             request.sampling.max_tokens = 1
         try:
-            p = await self.prepare(request, context)
+            p = await self.prepare(request, context, arrival=False)
         except RequestError as exc:
             await context.abort(exc.code, str(exc))
         ranked = self.rank(p)

@@ -47,7 +47,7 @@ from typing import Iterable, Iterator
 import numpy as np
 
 from kvfleet.controller.router.index import PrefixIndex
-from kvfleet.controller.router.policy import NodeTable, NodeView, RouteRequest, get_policy
+from kvfleet.controller.router.policy import ArrivalRate, NodeTable, NodeView, RouteRequest, get_policy
 from kvfleet.controller.sim.workloads import TraceRequest
 from kvfleet.hashing import block_hashes
 from kvfleet.node_agent.block_tracker import BlockTracker
@@ -268,6 +268,7 @@ def simulate(workload: Iterable[TraceRequest], policy: str, config: SimConfig, n
     steps = 0
     arrivals: Iterator[TraceRequest] = iter(workload)
     table = fleet_table(fleet, config)
+    arrival_rate = ArrivalRate()            # the router's arrival rate, as production measures it
     stale: set[int] = set()                 # nodes whose row in ``table`` is out of date
     unapplied: set[int] = set()             # nodes with KV events not yet in the index
 
@@ -332,7 +333,7 @@ def simulate(workload: Iterable[TraceRequest], policy: str, config: SimConfig, n
             first_arrival = now if first_arrival is None else first_arrival
             rid = f"r{len(results)}"
             n_prompt = len(r.prompt)
-            req = RouteRequest(block_hashes(r.prompt, bs), n_prompt, bs, r.output_tokens)
+            req = RouteRequest(block_hashes(r.prompt, bs), n_prompt, bs, r.output_tokens, arrival_rate.arrive(now))
             if unapplied:
                 apply_kv()
             ranked = pol.rank(req, node_views(fleet, index, table, stale), index)

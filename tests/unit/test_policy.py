@@ -13,6 +13,7 @@ import pytest
 from kvfleet.controller.router.index import PrefixIndex
 from kvfleet.controller.router.policy import (
     POLICIES,
+    ArrivalRate,
     Candidate,
     NodeTable,
     NodeView,
@@ -281,7 +282,7 @@ def test_kvfleet_rank_is_pure_same_inputs_same_output_and_index_untouched():
 
 
 # -- vectorised ranking vs a plain-Python per-node reference --------------------------------
-def scalar_cost(v: NodeView, uncached: int) -> float:
+def scalar_cost(v: NodeView, uncached: int, per_node_rate: float = 0.0) -> float:
     """kvfleet's cost for one node, written out step by step (the docstring's formula)."""
     work = v.queued_prefill_tokens + uncached
     if v.running == 0:
@@ -293,7 +294,7 @@ def scalar_cost(v: NodeView, uncached: int) -> float:
     steps = math.ceil(work / max(v.max_num_batched_tokens - v.running, 1)) if v.max_num_batched_tokens > 0 else 1
     busy = v.running > 0 or v.queued_prefill_tokens > 0
     ttft = work / v.prefill_tokens_per_s + steps * step + (step / 2 if busy else 0.0)
-    return ttft + math.sqrt(v.waiting) * uncached / v.prefill_tokens_per_s
+    return ttft + per_node_rate * ttft * uncached / v.prefill_tokens_per_s
 
 
 def reference_rank(name: str, req: RouteRequest, nodes: list[NodeView], held: dict[str, set[int]]) -> list[tuple]:
@@ -301,6 +302,8 @@ def reference_rank(name: str, req: RouteRequest, nodes: list[NodeView], held: di
     the order (ties by node id), then the ineligible by id."""
     bs, prompt = req.block_size, req.prompt_tokens
     need = -(-(prompt + req.max_tokens) // bs)
+    n_ok = sum(v.routable and v.block_size == bs and v.prefill_tokens_per_s > 0 and v.num_blocks >= need for v in nodes)
+    per_node = req.arrival_rate / max(n_ok, 1)
     rows = []
     for v in nodes:
         ok = v.routable and v.block_size == bs and v.prefill_tokens_per_s > 0 and v.num_blocks >= need
@@ -311,7 +314,7 @@ def reference_rank(name: str, req: RouteRequest, nodes: list[NodeView], held: di
                     break
                 m += 1
         cached = predicted_cached_tokens(m, prompt, bs)
-        cost = scalar_cost(v, prompt - cached) if ok else float("inf")
+        cost = scalar_cost(v, prompt - cached, per_node) if ok else float("inf")
         rows.append((v, ok, cached, cost))
     elig = [r for r in rows if r[1]]
     if name == "kvfleet":
@@ -345,17 +348,20 @@ def test_ranking_equals_the_plain_python_reference_on_random_fleets(seed, name):
             nid, slot, routable=bool(rng.random() > 0.1), block_size=int(rng.choice([BS, BS, BS, 32])),
             num_blocks=int(rng.choice([10_000, 5])), prefill_tokens_per_s=float(rng.choice([0.0, 1000.0, 2000.0, 2000.0])),
             running=int(rng.integers(0, 4)), queued_prefill_tokens=int(rng.choice([0, 0, 100, 2000])),
-            cached_blocks=int(rng.integers(0, 3)),
+            cached_blocks=int(rng.integers(0, 3)), waiting=int(rng.integers(0, 5)),
+            decode_step_s=float(rng.choice([0.0, 0.01, 0.03])), max_num_batched_tokens=int(rng.choice([0, 64, 2048])),
         ))
     for sp in system:
         tail = block_hashes(np.random.default_rng(300 + seed).integers(0, 50_000, 3 * BS), BS, parent=int(sp[-1]))
         prompt = np.concatenate([sp, tail])
-        req = request(prompt, len(prompt) * BS + int(rng.integers(0, BS)))
+        req = dataclasses.replace(request(prompt, len(prompt) * BS + int(rng.integers(0, BS))),
+                                  arrival_rate=float(rng.choice([0.0, 5.0, 50.0])))
         expected = reference_rank(name, req, nodes, held)
         for given in (nodes, NodeTable.from_views(nodes)):
             got = [(c.node_id, c.eligible, c.cached_tokens, c.uncached_tokens, c.queued_prefill_tokens, c.cost_s)
                    for c in get_policy(name).rank(req, given, idx)]
-            assert got == expected
+            assert [g[:5] for g in got] == [e[:5] for e in expected]
+            assert [g[5] for g in got] == pytest.approx([e[5] for e in expected], rel=1e-12)
 
 
 def test_ranking_is_list_like():
@@ -394,26 +400,43 @@ def test_a_ranking_is_a_snapshot_when_the_table_changes_later():
 def test_estimated_ttft_counts_prefill_work_the_decode_steps_it_spans_and_the_delay_it_imposes():
     a = np.array
     got = estimated_ttft_s(
-        queued_prefill_tokens=a([0, 0, 3000, 3000, 0]), uncached_tokens=a([1000, 1000, 1000, 1000, 1000]),
-        running=a([0, 10, 10, 10, 0]), waiting=a([0, 0, 0, 4, 9]), prefill_tokens_per_s=a([1000.0] * 5),
-        decode_step_s=a([0.0, 0.02, 0.02, 0.02, 0.0]), max_num_batched_tokens=a([2048, 2048, 2048, 2048, 0]))
+        queued_prefill_tokens=a([0, 0, 3000, 0]), uncached_tokens=a([1000, 1000, 1000, 1000]),
+        running=a([0, 10, 10, 0]), prefill_tokens_per_s=a([1000.0] * 4),
+        decode_step_s=a([0.0, 0.02, 0.02, 0.0]), max_num_batched_tokens=a([2048, 2048, 2048, 0]),
+        arrivals_per_node_s=0.0)
     assert got.tolist() == pytest.approx([
         1.0,                                   # idle: the prefill alone
         1.0 + 0.02 + 0.01,                     # one mixed step, plus half a step in progress
         4.0 + 2 * 0.02 + 0.01,                 # 4,000 tokens at 2,038 per step: 2 steps
-        4.0 + 2 * 0.02 + 0.01 + 2 * 1.0,       # and sqrt(4) requests behind wait for its 1 s of prefill
-        1.0 + 3 * 1.0,                         # budget unknown: one step; sqrt(9) behind
+        1.0,                                   # budget unknown: one step
     ])
+    # 0.5 requests/s per node: those arriving during the TTFT (0.5 * ttft of them) wait 1 s each
+    loaded = estimated_ttft_s(a([3000]), a([1000]), a([10]), a([1000.0]), a([0.02]), a([2048]), 0.5)
+    ttft = 4.0 + 2 * 0.02 + 0.01
+    assert loaded.tolist() == pytest.approx([ttft + 0.5 * ttft * 1.0])
 
 
-def test_kvfleet_a_hit_is_worth_more_on_a_loaded_fleet():
-    """Same queues ahead, same hit: on an idle fleet the empty node wins (recomputing is
-    quicker than waiting), once requests wait everywhere the holder wins, because a miss
-    also delays everyone queued behind it."""
+def test_arrival_rate_converges_to_a_steady_stream_and_decays():
+    r = ArrivalRate(tau_s=2.0)
+    assert r.peek(0.0) == 0.0
+    for i in range(400):
+        rate = r.arrive(i * 0.1)                   # 10 requests/s for 40 s
+    assert rate == pytest.approx(10.0, rel=0.05)
+    assert r.peek(39.9 + 2.0) == pytest.approx(rate * math.exp(-1.0))
+    assert r.peek(39.9) == rate                    # peeking counts nothing
+    with pytest.raises(ValueError):
+        ArrivalRate(tau_s=0)
+
+
+def test_kvfleet_a_hit_is_worth_more_on_a_busy_fleet():
+    """Same queue ahead of the holder: with no traffic the empty node wins (recomputing is
+    quicker than waiting); once requests arrive, recomputing also delays the empty node's
+    next arrivals, and the holder wins."""
     idx = PrefixIndex()
     h = chain(5, 64)                                   # 1,024 tokens
-    for waiting, winner in ((0, "empty"), (9, "holder")):
-        nodes = [view("holder", idx.add_node("holder"), queued_prefill_tokens=1200, waiting=waiting),
-                 view("empty", idx.add_node("empty"), queued_prefill_tokens=0, waiting=waiting)]
+    for rate, winner in ((0.0, "empty"), (8.0, "holder")):
+        nodes = [view("holder", idx.add_node("holder"), queued_prefill_tokens=1200),
+                 view("empty", idx.add_node("empty"), queued_prefill_tokens=0)]
         idx.store(nodes[0].slot, h[:60])
-        assert get_policy("kvfleet").rank(request(h, 1024), nodes, idx)[0].node_id == winner
+        req = RouteRequest(h, 1024, BS, 16, arrival_rate=rate)
+        assert get_policy("kvfleet").rank(req, nodes, idx)[0].node_id == winner
