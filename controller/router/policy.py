@@ -148,7 +148,8 @@ def estimated_ttft_s(queued_prefill_tokens: np.ndarray, uncached_tokens: np.ndar
       to ``R / rate`` (a decode token costs about a prefill token in a compute-bound
       step).
     * ``D / 2``: on a busy node a new request first waits for the step in progress,
-      half of one on average.
+      half of one on average. (A node with no running batch has ``D = 0``, so the term
+      needs no separate busy test.)
     * ``(lam * ttft) * U / rate``: the delay imposed on others. The requests that reach
       the node while this one is queued or prefilling (``lam * ttft`` of them, by
       Little's law) wait for its ``U`` prefill tokens. This is what makes a cache hit
@@ -166,13 +167,11 @@ def estimated_ttft_s(queued_prefill_tokens: np.ndarray, uncached_tokens: np.ndar
     cost to ``inf``). This is the one place the formula lives.
     """
     work = queued_prefill_tokens + uncached_tokens
-    r = running.astype(np.float64)
-    step = np.where(decode_step_s > 0, decode_step_s, r / prefill_tokens_per_s)
-    step = np.where(running > 0, step, 0.0)
-    per_step = np.maximum(max_num_batched_tokens - running, 1)
-    steps = np.where(max_num_batched_tokens > 0, np.ceil(work / per_step), 1.0)
-    busy = (running > 0) | (queued_prefill_tokens > 0)
-    ttft = work / prefill_tokens_per_s + steps * step + np.where(busy, 0.5 * step, 0.0)
+    step = np.where(decode_step_s > 0, decode_step_s, running / prefill_tokens_per_s)
+    step *= running > 0                     # no running batch: no decode step (and nothing in progress to wait for)
+    steps = np.ceil(work / np.maximum(max_num_batched_tokens - running, 1))
+    steps[max_num_batched_tokens <= 0] = 1.0
+    ttft = work / prefill_tokens_per_s + (steps + 0.5) * step
     return ttft * (1.0 + arrivals_per_node_s * uncached_tokens / prefill_tokens_per_s)
 
 
