@@ -79,6 +79,8 @@ class NodeConn:
     last_seq: int = 0
     pending: dict[str, int] = field(default_factory=dict)  # request id -> uncached tokens sent, not yet visible
     pending_tokens: int = 0
+    pending_sent: dict[str, float] = field(default_factory=dict)  # request id -> when it was sent (monotonic)
+    updated_at: float = 0.0        # monotonic time of the last state update
     approx: dict[str, ApproxCache] = field(default_factory=dict)  # model -> learned cache (no KV events)
     task: asyncio.Task | None = None
 
@@ -240,6 +242,9 @@ class Fleet:
         load = update.load
         conn.running, conn.waiting, conn.kv_usage = load.running, load.waiting, load.kv_usage
         conn.decode_step_s = load.decode_step_s
+        conn.updated_at = time.monotonic()
+        for rid in update.accepted_request_ids:
+            conn.pending_sent.pop(rid, None)
         conn.queued_prefill_tokens, conn.cached_blocks = load.queued_prefill_tokens, load.cached_blocks
         was_routable = conn.routable
         conn.ready, conn.connected, conn.suspect = update.ready, True, False
@@ -264,12 +269,14 @@ class Fleet:
         if conn is not None:
             conn.pending_tokens += tokens - conn.pending.get(request_id, 0)
             conn.pending[request_id] = tokens
+            conn.pending_sent.setdefault(request_id, time.monotonic())
             self._sync(conn)
 
     def drop_pending(self, node_id: str, request_id: str) -> None:
         conn = self.nodes.get(node_id)
         if conn is not None and request_id in conn.pending:
             conn.pending_tokens -= conn.pending.pop(request_id)
+            conn.pending_sent.pop(request_id, None)
             self._sync(conn)
 
     def learn(self, node_id: str, model: str, hashes: np.ndarray) -> None:
@@ -323,6 +330,7 @@ class Fleet:
             queued_prefill_tokens=c.queued_prefill_tokens + max(c.pending_tokens, 0),
             cached_blocks=c.cached_blocks, slot=-1 if slot is None else slot,
             decode_step_s=c.decode_step_s, max_num_batched_tokens=m.max_num_batched_tokens,
+            work_since_s=_work_since(c),
         )
 
     def _sync(self, conn: NodeConn) -> None:
@@ -336,3 +344,12 @@ class Fleet:
     async def close(self) -> None:
         for node_id in list(self.nodes):
             self._remove(node_id)
+
+
+def _work_since(c: NodeConn) -> float:
+    """Since when ``c`` has had the prefill the router counts for it: its last state update
+    if that reported queued prefill, else the first request sent since that it does not
+    show yet; inf if neither (see ``policy.queued_now``)."""
+    if c.queued_prefill_tokens > 0:
+        return c.updated_at
+    return min(c.pending_sent.values(), default=float("inf"))

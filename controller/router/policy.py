@@ -38,7 +38,8 @@ from kvfleet.controller.router.nodes import NodeTable, NodeView
 
 __all__ = [
     "POLICIES", "ArrivalRate", "Candidate", "Evaluation", "NodeTable", "NodeView", "Policy", "Ranking", "RouteRequest",
-    "as_table", "candidates", "estimated_ttft_s", "evaluate", "get_policy", "predicted_cached_tokens", "register",
+    "as_table", "candidates", "estimated_ttft_s", "evaluate", "get_policy", "predicted_cached_tokens", "queued_now",
+    "register",
 ]
 
 HEAD = 8
@@ -55,6 +56,7 @@ class RouteRequest:
     block_size: int               # tokens per block the hashes were computed with
     max_tokens: int               # completion budget, tokens
     arrival_rate: float = 0.0     # requests/s arriving for this model (the router's recent rate; 0: unknown)
+    now_s: float = float("-inf")  # the router's clock at the decision (same clock as work_since_s; -inf: none)
 
 
 class ArrivalRate:
@@ -175,6 +177,21 @@ def estimated_ttft_s(queued_prefill_tokens: np.ndarray, uncached_tokens: np.ndar
     return ttft * (1.0 + arrivals_per_node_s * uncached_tokens / prefill_tokens_per_s)
 
 
+def queued_now(queued_prefill_tokens: np.ndarray, work_since_s: np.ndarray, prefill_tokens_per_s: np.ndarray,
+               now_s: float) -> np.ndarray:
+    """The prefill still queued on each node now: what the router last knew (the node's
+    report plus what it sent since) less what the node can have prefilled since it had
+    that work (``work_since_s``: the state update that reported it, or the first send
+    after an idle report). A node reports its state once per engine step, so a long
+    prefill in progress would otherwise count in full until the step ends. Never below 0;
+    unchanged where ``work_since_s`` is unknown (inf) or ``now_s`` is not given."""
+    elapsed = now_s - work_since_s
+    if not np.isfinite(elapsed).any():
+        return queued_prefill_tokens
+    drained = np.where(np.isfinite(elapsed), np.maximum(elapsed, 0.0) * prefill_tokens_per_s, 0.0)
+    return np.maximum(queued_prefill_tokens - drained, 0.0)
+
+
 # -- shared filter + evaluation ---------------------------------------------------------------
 class Evaluation:
     """Column-wise facts about the nodes (by row of the table evaluated) that every policy
@@ -233,8 +250,9 @@ def evaluate(request: RouteRequest, nodes: Nodes, index: PrefixIndex) -> Evaluat
     cached = np.minimum(matched, max(prompt - 1, 0) // bs) * bs
     uncached = prompt - cached
     per_node = request.arrival_rate / max(int(np.count_nonzero(eligible)), 1)
-    cost = estimated_ttft_s(t.queued_prefill_tokens, uncached, t.running, np.where(eligible, rate, 1.0),
-                            t.decode_step_s, t.max_num_batched_tokens, per_node)
+    rate1 = np.where(eligible, rate, 1.0)
+    cost = estimated_ttft_s(queued_now(t.queued_prefill_tokens, t.work_since_s, rate1, request.now_s), uncached,
+                            t.running, rate1, t.decode_step_s, t.max_num_batched_tokens, per_node)
     cost[~eligible] = np.inf
     return Evaluation(t, eligible, cached, uncached, cost, bs, need_blocks)
 

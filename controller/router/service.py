@@ -175,8 +175,8 @@ class RouterService(pbg.InferenceServicer):
             all_hashes[bs] = hashes
             t1 = time.perf_counter()
             index = self.fleet.index.get_or_create(p.model, bs)
-            ranking = self.policy.rank(RouteRequest(hashes, len(p.tokens), bs, p.max_tokens, p.arrival_rate),
-                                       group, index)
+            ranking = self.policy.rank(
+                RouteRequest(hashes, len(p.tokens), bs, p.max_tokens, p.arrival_rate, time.monotonic()), group, index)
             out = ranking if len(sizes) == 1 else [*out, *ranking]
             decide_s += time.perf_counter() - t1
             hash_s += t1 - t0

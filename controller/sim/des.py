@@ -162,6 +162,7 @@ class _Node:
     published: LoadSnapshot = field(default_factory=lambda: LoadSnapshot(0, 0, 0.0, 0))  # load as of its last step end
     sent: int = 0                     # requests the router sent since then
     sent_tokens: int = 0              # their uncached tokens, as the router predicted them
+    work_since: float = math.inf      # since when it has had the prefill the router counts (see policy.queued_now)
 
 
 def fleet_table(fleet: list[_Node], config: SimConfig) -> NodeTable:
@@ -189,7 +190,8 @@ def node_views(fleet: list[_Node], index: PrefixIndex, table: NodeTable, stale: 
         ld = nd.published
         table.update(nd.node_id, running=ld.running, waiting=ld.waiting + nd.sent, kv_usage=ld.kv_usage,
                      queued_prefill_tokens=ld.queued_prefill_tokens + nd.sent_tokens,
-                     cached_blocks=index.blocks_of(nd.slot), decode_step_s=ld.decode_step_s)
+                     cached_blocks=index.blocks_of(nd.slot), decode_step_s=ld.decode_step_s,
+                     work_since_s=nd.work_since)
     stale.clear()
     return table
 
@@ -302,11 +304,12 @@ def simulate(workload: Iterable[TraceRequest], policy: str, config: SimConfig, n
             stale.add(i)
         unapplied.clear()
 
-    def publish(i: int) -> None:
+    def publish(i: int, t: float) -> None:
         # The node's state update at a step end: its engine's load now, which counts
         # every request the router sent it so far.
         n = fleet[i]
         n.published, n.sent, n.sent_tokens = n.core.load(), 0, 0
+        n.work_since = t if n.published.queued_prefill_tokens > 0 else math.inf
         stale.add(i)
 
     def start_step(i: int, t: float) -> None:
@@ -317,7 +320,7 @@ def simulate(workload: Iterable[TraceRequest], policy: str, config: SimConfig, n
         if res.duration_s <= 0 and not res.outputs:
             # Nothing could be scheduled (cannot happen while a request is running or fits).
             n.busy = False
-            publish(i)
+            publish(i, t)
             return
         n.busy = True
         n.busy_s += res.duration_s
@@ -333,7 +336,7 @@ def simulate(workload: Iterable[TraceRequest], policy: str, config: SimConfig, n
             first_arrival = now if first_arrival is None else first_arrival
             rid = f"r{len(results)}"
             n_prompt = len(r.prompt)
-            req = RouteRequest(block_hashes(r.prompt, bs), n_prompt, bs, r.output_tokens, arrival_rate.arrive(now))
+            req = RouteRequest(block_hashes(r.prompt, bs), n_prompt, bs, r.output_tokens, arrival_rate.arrive(now), now)
             if unapplied:
                 apply_kv()
             ranked = pol.rank(req, node_views(fleet, index, table, stale), index)
@@ -346,6 +349,8 @@ def simulate(workload: Iterable[TraceRequest], policy: str, config: SimConfig, n
             fleet[i].core.add_request(
                 EngineRequest(request_id=rid, prompt_token_ids=r.prompt.tolist(), max_tokens=r.output_tokens,
                               temperature=0.0, seed=len(results)), now)
+            if fleet[i].work_since == math.inf:
+                fleet[i].work_since = now
             fleet[i].sent += 1
             fleet[i].sent_tokens += ranked[0].uncached_tokens
             stale.add(i)
@@ -372,7 +377,7 @@ def simulate(workload: Iterable[TraceRequest], policy: str, config: SimConfig, n
                     push(now + kv_delay_s, _KV, (i, res.events))
                 else:
                     deliver(i, res.events)
-            publish(i)
+            publish(i, now)
             if n.core.has_work():
                 start_step(i, now)
             else:

@@ -206,3 +206,26 @@ def test_decode_step_step_budget_and_requests_sent_but_not_yet_shown_reach_the_t
     assert t.decode_step_s[0] == pytest.approx(0.025) and t.max_num_batched_tokens[0] == 4096
     f.apply_update(conn, update(2, accepted=["r1"]))             # the node now counts r1 itself
     assert (t.waiting[0], t.queued_prefill_tokens[0], t.decode_step_s[0]) == (0 + 1, 50, 0.0)
+
+
+def test_work_since_is_the_report_that_showed_queued_prefill_or_the_first_send_after_an_idle_one(monkeypatch):
+    clock = [100.0]
+    monkeypatch.setattr("kvfleet.controller.router.fleet.time.monotonic", lambda: clock[0])
+    f, conn = fleet_with()
+    t = f.columns(MODEL)
+    f.apply_update(conn, update(1, snapshot=True))                 # idle report at 100.0
+    assert t.work_since_s[0] == float("inf")
+    clock[0] = 100.5
+    f.add_pending("n1", "r1", 300)                                 # sent at 100.5: work from then on
+    clock[0] = 100.7
+    f.add_pending("n1", "r2", 200)
+    assert t.work_since_s[0] == 100.5
+    clock[0] = 101.0
+    f.apply_update(conn, update(2, accepted=["r1"]))               # idle report, r2 still unshown
+    assert t.work_since_s[0] == 100.7
+    clock[0] = 101.2
+    f.apply_update(conn, update(3, accepted=["r2"], queued=400))   # the node now reports queued prefill
+    assert t.work_since_s[0] == 101.2
+    clock[0] = 101.4
+    f.apply_update(conn, update(4))                                # idle again, nothing pending
+    assert t.work_since_s[0] == float("inf")

@@ -14,6 +14,7 @@ from kvfleet.controller.router.index import PrefixIndex
 from kvfleet.controller.router.policy import (
     POLICIES,
     ArrivalRate,
+    queued_now,
     Candidate,
     NodeTable,
     NodeView,
@@ -282,9 +283,12 @@ def test_kvfleet_rank_is_pure_same_inputs_same_output_and_index_untouched():
 
 
 # -- vectorised ranking vs a plain-Python per-node reference --------------------------------
-def scalar_cost(v: NodeView, uncached: int, per_node_rate: float = 0.0) -> float:
+def scalar_cost(v: NodeView, uncached: int, per_node_rate: float = 0.0, now: float = float("-inf")) -> float:
     """kvfleet's cost for one node, written out step by step (the docstring's formula)."""
-    work = v.queued_prefill_tokens + uncached
+    queued = v.queued_prefill_tokens
+    if math.isfinite(now) and math.isfinite(v.work_since_s):
+        queued = max(queued - max(now - v.work_since_s, 0.0) * v.prefill_tokens_per_s, 0.0)
+    work = queued + uncached
     if v.running == 0:
         step = 0.0
     elif v.decode_step_s > 0:
@@ -314,7 +318,7 @@ def reference_rank(name: str, req: RouteRequest, nodes: list[NodeView], held: di
                     break
                 m += 1
         cached = predicted_cached_tokens(m, prompt, bs)
-        cost = scalar_cost(v, prompt - cached, per_node) if ok else float("inf")
+        cost = scalar_cost(v, prompt - cached, per_node, req.now_s) if ok else float("inf")
         rows.append((v, ok, cached, cost))
     elig = [r for r in rows if r[1]]
     if name == "kvfleet":
@@ -350,12 +354,14 @@ def test_ranking_equals_the_plain_python_reference_on_random_fleets(seed, name):
             running=int(rng.integers(0, 4)), queued_prefill_tokens=int(rng.choice([0, 0, 100, 2000])),
             cached_blocks=int(rng.integers(0, 3)), waiting=int(rng.integers(0, 5)),
             decode_step_s=float(rng.choice([0.0, 0.01, 0.03])), max_num_batched_tokens=int(rng.choice([0, 64, 2048])),
+            work_since_s=float(rng.choice([math.inf, 9.9, 10.0, 10.5])),
         ))
     for sp in system:
         tail = block_hashes(np.random.default_rng(300 + seed).integers(0, 50_000, 3 * BS), BS, parent=int(sp[-1]))
         prompt = np.concatenate([sp, tail])
         req = dataclasses.replace(request(prompt, len(prompt) * BS + int(rng.integers(0, BS))),
-                                  arrival_rate=float(rng.choice([0.0, 5.0, 50.0])))
+                                  arrival_rate=float(rng.choice([0.0, 5.0, 50.0])),
+                                  now_s=float(rng.choice([-math.inf, 10.0, 10.2])))
         expected = reference_rank(name, req, nodes, held)
         for given in (nodes, NodeTable.from_views(nodes)):
             got = [(c.node_id, c.eligible, c.cached_tokens, c.uncached_tokens, c.queued_prefill_tokens, c.cost_s)
@@ -440,3 +446,26 @@ def test_kvfleet_a_hit_is_worth_more_on_a_busy_fleet():
         idx.store(nodes[0].slot, h[:60])
         req = RouteRequest(h, 1024, BS, 16, arrival_rate=rate)
         assert get_policy("kvfleet").rank(req, nodes, idx)[0].node_id == winner
+
+
+def test_queued_now_drains_what_the_node_can_have_prefilled_since_it_had_the_work():
+    a = np.array
+    got = queued_now(a([3000, 3000, 3000, 500, 0]), a([10.0, 10.0, math.inf, 9.0, 9.0]), a([1000.0] * 5), 11.0)
+    assert got.tolist() == [2000, 2000, 3000, 0, 0]     # 1 s at 1,000 tokens/s; inf: unknown; never below 0
+    assert queued_now(a([3000]), a([10.0]), a([1000.0]), -math.inf).tolist() == [3000]   # no clock given
+    assert queued_now(a([3000]), a([12.0]), a([1000.0]), 11.0).tolist() == [3000]         # work starts later
+
+
+def test_kvfleet_prefers_a_holder_whose_queued_prefill_is_mostly_done():
+    """A prefill sent 60 ms ago to the holder is mostly computed even though the node has
+    not reported since: counting it in full sends the request to recompute elsewhere."""
+    idx = PrefixIndex()
+    h = chain(6, 136)                                  # 2,176 tokens
+    nodes = [view("holder", idx.add_node("holder"), queued_prefill_tokens=2176, work_since_s=100.0,
+                  prefill_tokens_per_s=27_000.0),
+             view("idle", idx.add_node("idle"), prefill_tokens_per_s=27_000.0)]
+    idx.store(nodes[0].slot, h[:128])
+    stale = RouteRequest(h, 2176, BS, 16)
+    fresh = RouteRequest(h, 2176, BS, 16, now_s=100.06)
+    assert get_policy("kvfleet").rank(stale, nodes, idx)[0].node_id == "idle"
+    assert get_policy("kvfleet").rank(fresh, nodes, idx)[0].node_id == "holder"
