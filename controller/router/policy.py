@@ -232,7 +232,8 @@ class Evaluation:
 
 def evaluate(request: RouteRequest, nodes: Nodes, index: PrefixIndex) -> Evaluation:
     """Filters the nodes and estimates each eligible one's time to first token
-    (:func:`estimated_ttft_s`; ``inf`` where ineligible).
+    (:func:`estimated_ttft_s` of the queue as :func:`queued_now` estimates it at
+    ``request.now_s``; ``inf`` where ineligible).
 
     O(len(nodes)) NumPy work on the table's columns plus one ``index.match`` over the
     eligible nodes' slots; no per-node Python.
