@@ -133,6 +133,7 @@ def build_fleet(nodes: int, blocks_per_node: int, seed: int = 0) -> Fleet:
             running=int(rng.integers(0, 64)), waiting=int(rng.integers(0, 4)),
             kv_usage=float(rng.uniform(0.2, 0.95)),
             queued_prefill_tokens=int(rng.integers(0, 20_000)),
+            work_since_s=float(rng.uniform(-0.05, 0.0)),   # reported up to 50 ms before the decision (at 0)
             cached_blocks=index.blocks_of(slot), slot=slot,
         ))
     fill_s = time.perf_counter() - t0
@@ -166,7 +167,8 @@ def time_tokenisation(iters: int, tokenizer_dir: str | None = None) -> tuple[Tim
 def time_route(fleet: Fleet, tokens: np.ndarray, iters: int) -> tuple[dict[str, Timing], dict]:
     """(timings: rank, match and their baselines; facts about the ranking) for one prompt."""
     hashes = block_hashes(tokens, BLOCK_SIZE)
-    req = RouteRequest(hashes, len(tokens), BLOCK_SIZE, max_tokens=256)
+    # As the router builds it: its arrival rate and its clock (0 here; the nodes' work_since_s are just before).
+    req = RouteRequest(hashes, len(tokens), BLOCK_SIZE, max_tokens=256, arrival_rate=200.0, now_s=0.0)
     policy = get_policy("kvfleet")
     slots = np.array([v.slot for v in fleet.views if v.routable])
     if (fleet.index.match(hashes, slots) != fleet.index._match_search(hashes, slots)).any():

@@ -150,7 +150,8 @@ def route_total(tok: Tokenizer, prompts: list, nodes: int, blocks_per_node: int,
     # Decided on the fleet's hot prompt: its global prefix is on every node, the costliest
     # case for index.match (our chat's blocks are in no node's cache).
     nodes_arg = getattr(fleet, "table", None) or fleet.views   # the router's NodeTable where there is one
-    hot_request = RouteRequest(block_hashes(fleet.hot_tokens, BLOCK_SIZE), len(fleet.hot_tokens), BLOCK_SIZE, 256)
+    hot_request = RouteRequest(block_hashes(fleet.hot_tokens, BLOCK_SIZE), len(fleet.hot_tokens), BLOCK_SIZE, 256,
+                               arrival_rate=200.0, now_s=0.0)
     parts = {k: np.empty(iters) for k in ("tokenise", "hash", "rank")}
     to_list = np.empty(iters)
     cpu = np.empty(iters)
