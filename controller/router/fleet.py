@@ -20,7 +20,6 @@ import numpy as np
 from kvfleet.controller.registry import AdminEntry, ModelEntry, NodeEntry, Registry
 from kvfleet.controller.router.index import FleetIndex
 from kvfleet.controller.router.nodes import NodeTable, NodeView
-from kvfleet.controller.router.policy import ArrivalRate
 from kvfleet.v1 import node_pb2 as npb
 from kvfleet.v1 import node_pb2_grpc as npbg
 
@@ -82,9 +81,6 @@ class NodeConn:
     pending_tokens: int = 0
     pending_sent: dict[str, float] = field(default_factory=dict)  # request id -> when it was sent (monotonic)
     updated_at: float = 0.0        # monotonic time of the last state update
-    routed: ArrivalRate = field(default_factory=ArrivalRate)  # requests this router sent the node, per second
-    routed_rate: float = 0.0
-    routed_at: float = float("-inf")
     approx: dict[str, ApproxCache] = field(default_factory=dict)  # model -> learned cache (no KV events)
     task: asyncio.Task | None = None
 
@@ -273,9 +269,7 @@ class Fleet:
         if conn is not None:
             conn.pending_tokens += tokens - conn.pending.get(request_id, 0)
             conn.pending[request_id] = tokens
-            now = time.monotonic()
-            conn.pending_sent.setdefault(request_id, now)
-            conn.routed_rate, conn.routed_at = conn.routed.arrive(now), now
+            conn.pending_sent.setdefault(request_id, time.monotonic())
             self._sync(conn)
 
     def drop_pending(self, node_id: str, request_id: str) -> None:
@@ -336,7 +330,7 @@ class Fleet:
             queued_prefill_tokens=c.queued_prefill_tokens + max(c.pending_tokens, 0),
             cached_blocks=c.cached_blocks, slot=-1 if slot is None else slot,
             decode_step_s=c.decode_step_s, max_num_batched_tokens=m.max_num_batched_tokens,
-            work_since_s=_work_since(c), routed_rate=c.routed_rate, routed_at_s=c.routed_at,
+            work_since_s=_work_since(c),
         )
 
     def _sync(self, conn: NodeConn) -> None:

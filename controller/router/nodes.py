@@ -45,8 +45,6 @@ class NodeView:
     max_num_batched_tokens: int = 0  # the engine's token budget per step (0: unknown)
     work_since_s: float = float("inf")  # since when the node has had queued prefill, as far as the
                                         # router knows (its clock; inf: none)
-    routed_rate: float = 0.0      # requests/s this router sent the node (ArrivalRate, as of routed_at_s)
-    routed_at_s: float = float("-inf")  # when routed_rate was last updated (router's clock)
 
 
 COLUMNS: dict[str, type] = {
@@ -64,8 +62,6 @@ COLUMNS: dict[str, type] = {
     "decode_step_s": np.float64,
     "max_num_batched_tokens": np.int64,
     "work_since_s": np.float64,
-    "routed_rate": np.float64,
-    "routed_at_s": np.float64,
 }
 """The numeric :class:`NodeView` fields, each one column of this dtype."""
 assert set(COLUMNS) | {"node_id", "address"} == {f.name for f in fields(NodeView)}

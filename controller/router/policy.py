@@ -39,7 +39,6 @@ from kvfleet.controller.router.nodes import NodeTable, NodeView
 __all__ = [
     "POLICIES", "ArrivalRate", "Candidate", "Evaluation", "NodeTable", "NodeView", "Policy", "Ranking", "RouteRequest",
     "as_table", "candidates", "estimated_ttft_s", "evaluate", "get_policy", "predicted_cached_tokens", "queued_now",
-    "routed_rate_now",
     "register",
 ]
 
@@ -67,9 +66,8 @@ class ArrivalRate:
     stream of ``r`` requests/s converges to ``r``."""
 
     __slots__ = ("tau_s", "_rate", "_t")
-    TAU_S = 5.0
 
-    def __init__(self, tau_s: float = TAU_S) -> None:
+    def __init__(self, tau_s: float = 5.0) -> None:
         if not tau_s > 0:
             raise ValueError("tau_s must be > 0")
         self.tau_s, self._rate, self._t = tau_s, 0.0, None
@@ -130,14 +128,14 @@ def predicted_cached_tokens(matched_blocks: int, prompt_tokens: int, block_size:
 # -- the cost ---------------------------------------------------------------------------------
 def estimated_ttft_s(queued_prefill_tokens: np.ndarray, uncached_tokens: np.ndarray, running: np.ndarray,
                      prefill_tokens_per_s: np.ndarray, decode_step_s: np.ndarray,
-                     max_num_batched_tokens: np.ndarray, arrivals_per_node_s: np.ndarray | float) -> np.ndarray:
+                     max_num_batched_tokens: np.ndarray, arrivals_per_node_s: float) -> np.ndarray:
     """kvfleet's cost, seconds, vectorised over nodes: the request's estimated time to
     first token on each node plus the delay its prefill adds to the requests that will
     arrive at that node while it is ahead of them.
 
     With ``Q`` = queued prefill tokens, ``U`` = this request's uncached tokens, ``R`` =
     running sequences, ``rate`` = prefill tokens/s, ``D`` = the node's current decode
-    step (s), ``B`` = its token budget per step, ``lam`` = requests/s routed to the node lately::
+    step (s), ``B`` = its token budget per step, ``lam`` = requests/s arriving per node::
 
         work  = Q + U                                   tokens to prefill up to our first token
         steps = ceil(work / (B - R))                    vLLM runs the R decodes first in each step
@@ -156,20 +154,17 @@ def estimated_ttft_s(queued_prefill_tokens: np.ndarray, uncached_tokens: np.ndar
       needs no separate busy test.)
     * ``(lam * ttft) * U / rate``: the delay imposed on others. The requests that reach
       the node while this one is queued or prefilling (``lam * ttft`` of them, by
-      Little's law) wait for its ``U`` prefill tokens. ``lam`` is the node's own recent
-      rate of routed requests (:func:`routed_rate_now`), not the fleet's average: a
-      node that receives nothing delays nobody by recomputing, and a holder that takes
-      a whole burst delays the whole burst with each request it queues, so a burst on
-      one prefix spills as soon as waiting costs more than recomputing. This is what
-      makes a cache hit worth more on a busy node than on an idle one. At ``lam = 0``
-      the cost is the TTFT.
+      Little's law) wait for its ``U`` prefill tokens. This is what makes a cache hit
+      worth more on a busy fleet than on an idle one: recomputing a prefix on an empty
+      node costs that node's next arrivals the recomputation, and the busier the fleet,
+      the more of them there are. At ``lam = 0`` (no traffic yet) the cost is the TTFT.
 
     There are no thresholds: every term is seconds derived from the nodes' reports and
     the arrival rate. Not in the cost: ``kv_usage`` beyond the decode step (a full cache
     evicts, which costs later hits, not this request's TTFT; a sequence that cannot fit at
     all is filtered out).
 
-    All arguments are arrays over the same nodes (or scalars), with rates > 0
+    All arguments but the rate are arrays over the same nodes, with rates > 0
     (:func:`evaluate` passes every row, with rate 1 for ineligible ones, and sets their
     cost to ``inf``). This is the one place the formula lives.
     """
@@ -180,15 +175,6 @@ def estimated_ttft_s(queued_prefill_tokens: np.ndarray, uncached_tokens: np.ndar
     steps[max_num_batched_tokens <= 0] = 1.0
     ttft = work / prefill_tokens_per_s + (steps + 0.5) * step
     return ttft * (1.0 + arrivals_per_node_s * uncached_tokens / prefill_tokens_per_s)
-
-
-def routed_rate_now(routed_rate: np.ndarray, routed_at_s: np.ndarray, now_s: float,
-                    tau_s: float = ArrivalRate.TAU_S) -> np.ndarray:
-    """Each node's recent rate of requests routed to it, decayed to ``now_s`` as
-    :class:`ArrivalRate` decays (unchanged if ``now_s`` is not given)."""
-    if not np.isfinite(now_s):
-        return routed_rate
-    return routed_rate * np.exp(-np.maximum(now_s - routed_at_s, 0.0) / tau_s)
 
 
 def queued_now(queued_prefill_tokens: np.ndarray, work_since_s: np.ndarray, prefill_tokens_per_s: np.ndarray,
@@ -264,7 +250,7 @@ def evaluate(request: RouteRequest, nodes: Nodes, index: PrefixIndex) -> Evaluat
         matched[lookup] = index.match(request.block_hashes, slot[lookup])
     cached = np.minimum(matched, max(prompt - 1, 0) // bs) * bs
     uncached = prompt - cached
-    per_node = routed_rate_now(t.routed_rate, t.routed_at_s, request.now_s)
+    per_node = request.arrival_rate / max(int(np.count_nonzero(eligible)), 1)
     rate1 = np.where(eligible, rate, 1.0)
     cost = estimated_ttft_s(queued_now(t.queued_prefill_tokens, t.work_since_s, rate1, request.now_s), uncached,
                             t.running, rate1, t.decode_step_s, t.max_num_batched_tokens, per_node)

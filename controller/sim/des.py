@@ -163,7 +163,6 @@ class _Node:
     sent: int = 0                     # requests the router sent since then
     sent_tokens: int = 0              # their uncached tokens, as the router predicted them
     work_since: float = math.inf      # since when it has had the prefill the router counts (see policy.queued_now)
-    routed: ArrivalRate = field(default_factory=ArrivalRate)  # requests the router sent it, per second
 
 
 def fleet_table(fleet: list[_Node], config: SimConfig) -> NodeTable:
@@ -352,7 +351,6 @@ def simulate(workload: Iterable[TraceRequest], policy: str, config: SimConfig, n
                               temperature=0.0, seed=len(results)), now)
             if fleet[i].work_since == math.inf:
                 fleet[i].work_since = now
-            table.update(fleet[i].node_id, routed_rate=fleet[i].routed.arrive(now), routed_at_s=now)
             fleet[i].sent += 1
             fleet[i].sent_tokens += ranked[0].uncached_tokens
             stale.add(i)

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 
-import math
-
 import numpy as np
 import pytest
 
@@ -231,17 +229,3 @@ def test_work_since_is_the_report_that_showed_queued_prefill_or_the_first_send_a
     clock[0] = 101.4
     f.apply_update(conn, update(4))                                # idle again, nothing pending
     assert t.work_since_s[0] == float("inf")
-
-
-def test_requests_routed_to_a_node_set_its_routed_rate(monkeypatch):
-    clock = [10.0]
-    monkeypatch.setattr("kvfleet.controller.router.fleet.time.monotonic", lambda: clock[0])
-    f, conn = fleet_with()
-    f.apply_update(conn, update(1, snapshot=True))
-    t = f.columns(MODEL)
-    assert t.routed_rate[0] == 0.0
-    f.add_pending("n1", "r1", 10)
-    clock[0] = 10.5
-    f.add_pending("n1", "r2", 10)
-    assert t.routed_at_s[0] == 10.5
-    assert t.routed_rate[0] == pytest.approx(0.2 * math.exp(-0.1) + 0.2)   # two arrivals, tau 5 s

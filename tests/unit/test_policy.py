@@ -15,7 +15,6 @@ from kvfleet.controller.router.policy import (
     POLICIES,
     ArrivalRate,
     queued_now,
-    routed_rate_now,
     Candidate,
     NodeTable,
     NodeView,
@@ -307,6 +306,8 @@ def reference_rank(name: str, req: RouteRequest, nodes: list[NodeView], held: di
     the order (ties by node id), then the ineligible by id."""
     bs, prompt = req.block_size, req.prompt_tokens
     need = -(-(prompt + req.max_tokens) // bs)
+    n_ok = sum(v.routable and v.block_size == bs and v.prefill_tokens_per_s > 0 and v.num_blocks >= need for v in nodes)
+    per_node = req.arrival_rate / max(n_ok, 1)
     rows = []
     for v in nodes:
         ok = v.routable and v.block_size == bs and v.prefill_tokens_per_s > 0 and v.num_blocks >= need
@@ -317,10 +318,7 @@ def reference_rank(name: str, req: RouteRequest, nodes: list[NodeView], held: di
                     break
                 m += 1
         cached = predicted_cached_tokens(m, prompt, bs)
-        lam = v.routed_rate
-        if math.isfinite(req.now_s):
-            lam = v.routed_rate * math.exp(-max(req.now_s - v.routed_at_s, 0.0) / 5.0)
-        cost = scalar_cost(v, prompt - cached, lam, req.now_s) if ok else float("inf")
+        cost = scalar_cost(v, prompt - cached, per_node, req.now_s) if ok else float("inf")
         rows.append((v, ok, cached, cost))
     elig = [r for r in rows if r[1]]
     if name == "kvfleet":
@@ -357,7 +355,6 @@ def test_ranking_equals_the_plain_python_reference_on_random_fleets(seed, name):
             cached_blocks=int(rng.integers(0, 3)), waiting=int(rng.integers(0, 5)),
             decode_step_s=float(rng.choice([0.0, 0.01, 0.03])), max_num_batched_tokens=int(rng.choice([0, 64, 2048])),
             work_since_s=float(rng.choice([math.inf, 9.9, 10.0, 10.5])),
-            routed_rate=float(rng.choice([0.0, 2.0, 20.0])), routed_at_s=float(rng.choice([-math.inf, 8.0, 10.0])),
         ))
     for sp in system:
         tail = block_hashes(np.random.default_rng(300 + seed).integers(0, 50_000, 3 * BS), BS, parent=int(sp[-1]))
@@ -437,47 +434,18 @@ def test_arrival_rate_converges_to_a_steady_stream_and_decays():
         ArrivalRate(tau_s=0)
 
 
-def test_kvfleet_a_hit_is_worth_more_when_the_other_node_is_busy_with_traffic():
-    """Same queue ahead of the holder: an empty node that receives no traffic wins
-    (recomputing there delays nobody); once requests are being routed to it, recomputing
-    also delays them, and the holder wins."""
+def test_kvfleet_a_hit_is_worth_more_on_a_busy_fleet():
+    """Same queue ahead of the holder: with no traffic the empty node wins (recomputing is
+    quicker than waiting); once requests arrive, recomputing also delays the empty node's
+    next arrivals, and the holder wins."""
     idx = PrefixIndex()
     h = chain(5, 64)                                   # 1,024 tokens
-    for routed, winner in ((0.0, "empty"), (8.0, "holder")):
+    for rate, winner in ((0.0, "empty"), (8.0, "holder")):
         nodes = [view("holder", idx.add_node("holder"), queued_prefill_tokens=1200),
-                 view("empty", idx.add_node("empty"), queued_prefill_tokens=0, routed_rate=routed, routed_at_s=50.0)]
+                 view("empty", idx.add_node("empty"), queued_prefill_tokens=0)]
         idx.store(nodes[0].slot, h[:60])
-        req = RouteRequest(h, 1024, BS, 16, now_s=50.0)
+        req = RouteRequest(h, 1024, BS, 16, arrival_rate=rate)
         assert get_policy("kvfleet").rank(req, nodes, idx)[0].node_id == winner
-
-
-def test_routed_rate_decays_to_now_like_the_arrival_rate():
-    a = np.array
-    got = routed_rate_now(a([10.0, 10.0, 0.0]), a([0.0, 5.0, 5.0]), 5.0)
-    assert got.tolist() == pytest.approx([10.0 * math.exp(-1.0), 10.0, 0.0])
-    assert routed_rate_now(a([3.0]), a([0.0]), -math.inf).tolist() == [3.0]
-
-
-@pytest.mark.parametrize("arrival_rate", [0.0, 10.0, 100.0, 1000.0])
-def test_kvfleet_burst_on_one_prefix_spills_once_waiting_outweighs_recomputing_at_any_traffic(arrival_rate):
-    """The holder takes a burst until its queue costs more than recomputing elsewhere
-    (about 64 requests of 16 tokens against 1,040), whatever the traffic: the delay term
-    counts the requests routed to each node, and the idle ones receive none."""
-    idx = PrefixIndex()
-    nodes = fleet(idx, ["a", "b", "c"])
-    h = chain(4, 65)
-    idx.store(nodes[0].slot, h[:64])
-    policy, rates, picks = get_policy("kvfleet"), {v.node_id: ArrivalRate() for v in nodes}, []
-    for k in range(80):
-        now = k / arrival_rate if arrival_rate else 0.0
-        best = policy.rank(RouteRequest(h, 1040, BS, 16, now_s=now), nodes, idx)[0]
-        picks.append(best.node_id)
-        r = rates[best.node_id].arrive(now)
-        nodes = [dataclasses.replace(v, queued_prefill_tokens=v.queued_prefill_tokens + best.uncached_tokens,
-                                     routed_rate=r, routed_at_s=now) if v.node_id == best.node_id else v
-                 for v in nodes]
-    first_spill = next(i for i, p in enumerate(picks) if p != "a")
-    assert 50 <= first_spill <= 66
 
 
 def test_queued_now_drains_what_the_node_can_have_prefilled_since_it_had_the_work():
