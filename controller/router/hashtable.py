@@ -79,3 +79,45 @@ def first_of_each(values: np.ndarray) -> np.ndarray:
     order = np.argsort(values, kind="stable")
     v = values[order]
     return order[np.concatenate(([True], v[1:] != v[:-1]))]
+
+
+def table_capacity(need: int, min_capacity: int) -> int:
+    """Entries (a power of two, at least ``min_capacity``) for ``need`` live entries at TARGET_LOAD."""
+    cap = min_capacity
+    while need > TARGET_LOAD * cap:
+        cap *= 2
+    return cap
+
+
+def place_by_home_bucket(keys: np.ndarray, cap: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Where a rehash into ``cap`` entries puts ``keys`` without probing: sorted by home
+    bucket, the first BUCKET keys of each bucket go straight in. Returns ``(order, fits,
+    pos)``: the order that sorts the keys (apply it to every column), which sorted keys
+    fit their home bucket, and the table positions of those. The rest (~2 % at load 0.5)
+    is left to ordinary inserts. O(n log n); the sort is one int64 array of (home
+    bucket, original index) packed together, ~1.5 s for 20 M entries."""
+    n = keys.size
+    bits = max(n.bit_length(), 1)
+    packed = (keys & np.uint64(cap // BUCKET - 1)).view(np.int64)
+    packed <<= bits
+    packed |= np.arange(n, dtype=np.int64)
+    packed.sort()
+    order = packed & ((1 << bits) - 1)
+    home = packed >> bits
+    del packed
+    i = np.arange(n, dtype=np.int64)
+    run_start = np.ones(n, dtype=bool)
+    run_start[1:] = home[1:] != home[:-1]
+    rank = i - np.maximum.accumulate(np.where(run_start, i, 0))
+    fits = rank < BUCKET
+    return order, fits, (home[fits] << LOG_BUCKET) + rank[fits]
+
+
+def delete_entries(keys: np.ndarray, rows: np.ndarray, pos: np.ndarray) -> int:
+    """Deletes the entries at ``pos`` of the table ``keys`` (``rows``: the same array as
+    (buckets, BUCKET)): each becomes a TOMBSTONE, or EMPTY where its bucket already has an
+    EMPTY entry (no probe sequence goes past such a bucket). Returns how many became EMPTY."""
+    keys[pos] = TOMBSTONE
+    to_empty = pos[row_any(np.take(rows, pos >> LOG_BUCKET, axis=0) == EMPTY)]
+    keys[to_empty] = EMPTY
+    return int(to_empty.size)

@@ -31,6 +31,9 @@ from __future__ import annotations
 import numpy as np
 
 from kvfleet.controller.router.hashtable import (
+    delete_entries,
+    place_by_home_bucket,
+    table_capacity,
     BUCKET,
     EMPTY,
     LOG_BUCKET,
@@ -240,39 +243,20 @@ class BlockHolders:
         return out
 
     def _delete(self, pos: np.ndarray) -> None:
-        tk = self._keys
-        tk[pos] = TOMBSTONE
-        to_empty = pos[row_any(np.take(self._rows, pos >> LOG_BUCKET, axis=0) == EMPTY)]
-        tk[to_empty] = EMPTY
+        emptied = delete_entries(self._keys, self._rows, pos)
         self._live -= pos.size
-        self._used -= to_empty.size
+        self._used -= emptied
 
     def _rehash(self, need: int) -> None:
         """Rebuilds the table without tombstones, sized for ``need`` live entries at
         TARGET_LOAD: entries sorted by home bucket, the first 8 of each go straight in."""
-        cap = self._min_capacity
-        while need > TARGET_LOAD * cap:
-            cap *= 2
+        cap = table_capacity(need, self._min_capacity)
         live = np.flatnonzero(self._keys > TOMBSTONE)
         keys, count, xor = self._keys[live], self._count[live], self._xor[live]
         del live
-        n = keys.size
-        bits = max(n.bit_length(), 1)
-        packed = (keys & _U64(cap // BUCKET - 1)).view(np.int64)
-        packed <<= bits
-        packed |= np.arange(n, dtype=np.int64)
-        packed.sort()
-        order = packed & ((1 << bits) - 1)
+        order, fits, pos = place_by_home_bucket(keys, cap)
         keys, count, xor = keys[order], count[order], xor[order]
         del order
-        home = packed >> bits
-        del packed
-        i = np.arange(n, dtype=np.int64)
-        run_start = np.ones(n, dtype=bool)
-        run_start[1:] = home[1:] != home[:-1]
-        rank = i - np.maximum.accumulate(np.where(run_start, i, 0))
-        fits = rank < BUCKET
-        pos = (home[fits] << LOG_BUCKET) + rank[fits]
         nk, nc, nx = np.zeros(cap, _U64), np.zeros(cap, np.uint16), np.zeros(cap, np.uint16)
         nk[pos], nc[pos], nx[pos] = keys[fits], count[fits], xor[fits]
         self._set_table(nk, nc, nx)

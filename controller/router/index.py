@@ -72,11 +72,14 @@ from kvfleet.controller.router.hashtable import (  # noqa: F401  (re-exported: t
 from kvfleet.controller.router.hashtable import FIRST_KEY as _FIRST_KEY
 from kvfleet.controller.router.hashtable import LOG_BUCKET as _LOG_BUCKET
 from kvfleet.controller.router.hashtable import MIX_K as _K
+from kvfleet.controller.router.hashtable import delete_entries as _delete_entries
 from kvfleet.controller.router.hashtable import distinct as _distinct
 from kvfleet.controller.router.hashtable import first_of_each as _first_of_each
 from kvfleet.controller.router.hashtable import mix as _mix
 from kvfleet.controller.router.hashtable import mix_int as _mix_int
+from kvfleet.controller.router.hashtable import place_by_home_bucket as _place_by_home_bucket
 from kvfleet.controller.router.hashtable import row_any as _row_any
+from kvfleet.controller.router.hashtable import table_capacity as _table_capacity
 from kvfleet.controller.router.hashtable import unmix as _unmix
 from kvfleet.controller.router.holders import BlockHolders
 from kvfleet.hashing import fmix_int
@@ -698,42 +701,22 @@ class PrefixIndex:
     def _delete(self, pos: np.ndarray) -> None:
         """Turns the live entries at ``pos`` into tombstones, or straight into EMPTY where
         their bucket has an EMPTY entry (then no probe sequence goes past that bucket)."""
-        tk = self._keys
-        tk[pos] = TOMBSTONE
-        to_empty = pos[_row_any(np.take(self._rows, pos >> _LOG_BUCKET, axis=0) == EMPTY)]
-        tk[to_empty] = EMPTY
+        emptied = _delete_entries(self._keys, self._rows, pos)
         self._live -= pos.size
-        self._used -= to_empty.size
+        self._used -= emptied
 
     def _rehash(self, need: int) -> None:
         """Rebuilds the table without tombstones, sized for ``need`` live entries at
         TARGET_LOAD (so it may shrink after mass removal). O(n log n) in live entries:
         sorted by home bucket, the first 8 entries of each bucket go straight in; the
         overflow (~2% at load 0.5) is inserted by ordinary probing."""
-        cap = self._min_capacity
-        while need > TARGET_LOAD * cap:
-            cap *= 2
+        cap = _table_capacity(need, self._min_capacity)
         live = np.flatnonzero(self._keys > TOMBSTONE)
         keys, slots = self._keys[live], self._slots[live]
         del live
-        n = keys.size
-        bits = max(n.bit_length(), 1)
-        # Sort (home bucket, original index) packed in one int64; 20 M entries ~1.5 s.
-        packed = (keys & _U64(cap // BUCKET - 1)).view(np.int64)
-        packed <<= bits
-        packed |= np.arange(n, dtype=np.int64)
-        packed.sort()
-        order = packed & ((1 << bits) - 1)
+        order, fits, pos = _place_by_home_bucket(keys, cap)
         keys, slots = keys[order], slots[order]
         del order
-        home = packed >> bits
-        del packed
-        i = np.arange(n, dtype=np.int64)
-        run_start = np.ones(n, dtype=bool)
-        run_start[1:] = home[1:] != home[:-1]
-        rank = i - np.maximum.accumulate(np.where(run_start, i, 0))
-        fits = rank < BUCKET
-        pos = (home[fits] << _LOG_BUCKET) + rank[fits]
         new_keys = np.zeros(cap, dtype=_U64)
         new_slots = np.zeros(cap, dtype=np.uint16)
         new_keys[pos] = keys[fits]
