@@ -174,7 +174,7 @@ def _routable(router: str) -> int:
 def start_fleet(data_dir: Path, nodes: int, config: SimConfig, policy: str, timeout: float = 90.0) -> LiveFleet:
     """Starts etcd, controller, router and ``nodes`` sim node agents; returns once the
     router can route to every node. Stops what it started if that fails."""
-    from kvfleet.cli.up import find_etcd
+    from kvfleet.cli.up import etcd_command
     from kvfleet.v1 import controller_pb2 as cpb
     from kvfleet.v1 import controller_pb2_grpc as cpbg
 
@@ -182,12 +182,7 @@ def start_fleet(data_dir: Path, nodes: int, config: SimConfig, policy: str, time
     etcd_client, etcd_peer = f"127.0.0.1:{_free_port()}", f"127.0.0.1:{_free_port()}"
     fleet = LiveFleet(data_dir, f"127.0.0.1:{_free_port()}", f"127.0.0.1:{_free_port()}")
     try:
-        fleet.spawn("etcd", [
-            find_etcd(), "--name", "live", "--data-dir", str(data_dir / "etcd"),
-            "--listen-client-urls", f"http://{etcd_client}", "--advertise-client-urls", f"http://{etcd_client}",
-            "--listen-peer-urls", f"http://{etcd_peer}", "--initial-advertise-peer-urls", f"http://{etcd_peer}",
-            "--initial-cluster", f"live=http://{etcd_peer}",
-        ])
+        fleet.spawn("etcd", etcd_command("live", data_dir / "etcd", etcd_client, etcd_peer))
         fleet.spawn("controller", _ME + [
             "kvfleet.cli.main", "controller", "run", "--no-router", "--etcd", etcd_client, "--listen", fleet.controller,
             "--lease-ttl", "10",

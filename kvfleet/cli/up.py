@@ -47,6 +47,17 @@ def find_etcd() -> str:
     raise AssertionError
 
 
+def etcd_command(name: str, data_dir: Path, client: str, peer: str) -> list[str]:
+    """The command line of a one-member etcd named ``name`` serving clients on ``client``
+    and peers on ``peer`` (host:port each)."""
+    return [
+        find_etcd(), "--name", name, "--data-dir", str(data_dir),
+        "--listen-client-urls", f"http://{client}", "--advertise-client-urls", f"http://{client}",
+        "--listen-peer-urls", f"http://{peer}", "--initial-advertise-peer-urls", f"http://{peer}",
+        "--initial-cluster", f"{name}=http://{peer}",
+    ]
+
+
 class Cluster:
     """Child processes of a local cluster, stopped in reverse order of start."""
 
@@ -167,12 +178,7 @@ def up(
 
     signal.signal(signal.SIGTERM, on_signal)
     try:
-        cluster.spawn("etcd", [
-            find_etcd(), "--name", "kvfleet-local", "--data-dir", str(data_dir / "etcd"),
-            "--listen-client-urls", f"http://{etcd_client}", "--advertise-client-urls", f"http://{etcd_client}",
-            "--listen-peer-urls", f"http://{etcd_peer}", "--initial-advertise-peer-urls", f"http://{etcd_peer}",
-            "--initial-cluster", f"kvfleet-local=http://{etcd_peer}",
-        ])
+        cluster.spawn("etcd", etcd_command("kvfleet-local", data_dir / "etcd", etcd_client, etcd_peer))
         cluster.spawn("controller", me + [
             "controller", "run", "--etcd", etcd_client, "--listen", controller, "--router-listen", router,
             "--lease-ttl", str(lease_ttl), "--first-token-timeout", str(first_token_timeout), "--metrics-listen", metrics,

@@ -18,7 +18,7 @@ from pathlib import Path
 import grpc
 import pytest
 
-from kvfleet.cli.up import find_etcd
+from kvfleet.cli.up import etcd_command
 from kvfleet.v1 import controller_pb2 as cpb
 from kvfleet.v1 import controller_pb2_grpc as cpbg
 from kvfleet.v1 import inference_pb2 as ipb
@@ -90,12 +90,7 @@ class Etcd:
 
 def start_etcd(tmp: Path) -> Etcd:
     client, peer = free_port(), free_port()
-    proc = spawn("etcd", [
-        find_etcd(), "--name", "t", "--data-dir", str(tmp / "etcd-data"),
-        "--listen-client-urls", f"http://127.0.0.1:{client}", "--advertise-client-urls", f"http://127.0.0.1:{client}",
-        "--listen-peer-urls", f"http://127.0.0.1:{peer}", "--initial-advertise-peer-urls", f"http://127.0.0.1:{peer}",
-        "--initial-cluster", f"t=http://127.0.0.1:{peer}",
-    ], tmp)
+    proc = spawn("etcd", etcd_command("t", tmp / "etcd-data", f"127.0.0.1:{client}", f"127.0.0.1:{peer}"), tmp)
     return Etcd(f"127.0.0.1:{client}", proc)
 
 
