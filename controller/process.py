@@ -5,6 +5,9 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import time
+import uuid
+from pathlib import Path
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -12,7 +15,7 @@ from prometheus_client import start_http_server
 from pydantic import BaseModel, Field
 
 from kvfleet.controller.membership import Membership
-from kvfleet.controller.registry import Registry
+from kvfleet.controller.registry import Registry, RouterEntry
 from kvfleet.controller.service import ControllerService
 from kvfleet.v1 import controller_pb2_grpc as cpbg
 from kvfleet.v1 import inference_pb2_grpc as ipbg
@@ -27,6 +30,8 @@ class RouterConfig(BaseModel):
     policy: str = Field("kvfleet", description="routing policy name")
     first_token_timeout_s: float = Field(5.0, description="seconds a node may take beyond its estimated TTFT before the request is retried elsewhere")
     metrics_listen: str = Field("", description="host:port for Prometheus /metrics; empty: off")
+    advertise: str = Field("", description="address clients and the batch runner dial; defaults to listen")
+    lease_ttl_s: int = Field(5, ge=1, description="seconds after the router stops before it leaves the registry")
 
 
 class ControllerConfig(BaseModel):
@@ -37,6 +42,8 @@ class ControllerConfig(BaseModel):
     lease_ttl_s: int = Field(5, ge=1, description="seconds without heartbeat before a node leaves routing")
     metrics_listen: str = Field("", description="host:port for Prometheus /metrics; empty: off")
     router: RouterConfig | None = Field(None, description="run a router in this process")
+    data_dir: Path = Field(Path("~/.local/share/kvfleet/controller").expanduser(),
+                           description="controller state outside etcd (usage ledger, batch inputs and results)")
 
 
 def _bind(server: grpc.aio.Server, listen: str, flag: str) -> int:
@@ -61,23 +68,76 @@ async def _health_server(server: grpc.aio.Server, services: list[str]):
     return servicer
 
 
+async def _register_router(registry: Registry, cfg: RouterConfig) -> None:
+    """Keeps ``P/routers/<id>`` alive while this router runs (quotas are shared among the
+    live routers; the batch runner dials them). A lost lease is re-granted."""
+    entry = RouterEntry(router_id=uuid.uuid4().hex[:12], address=cfg.advertise or cfg.listen,
+                        started_unix_ms=int(time.time() * 1000))
+    lease = 0
+    try:
+        while True:
+            try:
+                if not lease or not await registry.refresh_lease(lease):
+                    lease = await registry.grant_lease(cfg.lease_ttl_s)
+                    await registry.put_router(entry, lease)
+            except Exception as exc:  # etcd briefly away: retry at the next beat
+                log.warning("router registration: %s", exc)
+                lease = 0
+            await asyncio.sleep(max(cfg.lease_ttl_s / 3, 0.2))
+    finally:
+        if lease:
+            await registry.revoke_lease(lease)
+
+
 async def _serve_router(cfg: RouterConfig, registry: Registry):
+    from kvfleet.controller.router.admission import build_admission
+    from kvfleet.controller.router.auth import build_auth
     from kvfleet.controller.router.fleet import Fleet
+    from kvfleet.controller.router.quota import build_quotas
     from kvfleet.controller.router.service import RouterService
+    from kvfleet.controller.router.usage import build_usage_sink
 
     fleet = Fleet(registry)
     fleet_task = asyncio.create_task(fleet.run(), name="fleet")
     server = grpc.aio.server()
-    ipbg.add_InferenceServicer_to_server(
-        RouterService(fleet, policy=cfg.policy, first_token_timeout_s=cfg.first_token_timeout_s), server
+    usage = build_usage_sink(cfg, registry)
+    service = RouterService(
+        fleet, policy=cfg.policy, first_token_timeout_s=cfg.first_token_timeout_s,
+        auth=build_auth(cfg, registry), quotas=build_quotas(cfg, registry), usage=usage,
+        admission=build_admission(cfg, fleet),
     )
+    ipbg.add_InferenceServicer_to_server(service, server)
     h = await _health_server(server, ["kvfleet.v1.Inference"])
     _bind(server, cfg.listen, "--router-listen")
     await server.start()
     await asyncio.wait_for(fleet.synced.wait(), timeout=30)
+    reg_task = asyncio.create_task(_register_router(registry, cfg), name="router-registration")
     await h.set("", health_pb2.HealthCheckResponse.SERVING)
     await h.set("kvfleet.v1.Inference", health_pb2.HealthCheckResponse.SERVING)
-    return server, fleet, fleet_task
+    return server, fleet, _Tasks(fleet_task, reg_task, usage)
+
+
+class _Tasks:
+    """The router's background work, stopped together."""
+
+    def __init__(self, *items) -> None:
+        self.items = items
+
+    def cancel(self) -> None:
+        for t in self.items:
+            if isinstance(t, asyncio.Task):
+                t.cancel()
+
+    async def close(self) -> None:
+        self.cancel()
+        for t in self.items:
+            if isinstance(t, asyncio.Task):
+                try:
+                    await t
+                except (asyncio.CancelledError, Exception):
+                    pass
+            elif hasattr(t, "close"):
+                await t.close()
 
 
 async def run_router(cfg: RouterConfig, stop: asyncio.Event) -> None:
@@ -90,6 +150,7 @@ async def run_router(cfg: RouterConfig, stop: asyncio.Event) -> None:
     finally:
         task.cancel()
         await server.stop(2.0)
+        await task.close()
         await fleet.close()
         await registry.close()
 
@@ -99,8 +160,10 @@ async def run_controller(cfg: ControllerConfig, stop: asyncio.Event) -> None:
     membership = Membership(registry, lease_ttl_s=cfg.lease_ttl_s)
     await membership.load_state()
     _metrics(cfg.metrics_listen)
+    cfg.data_dir.mkdir(parents=True, exist_ok=True)
     server = grpc.aio.server()
     cpbg.add_ControllerServicer_to_server(ControllerService(membership), server)
+    # Further controller services (tenants, usage ledger, Batch API) register here.
     h = await _health_server(server, ["kvfleet.v1.Controller"])
     _bind(server, cfg.listen, "--listen")
     await server.start()
@@ -131,6 +194,7 @@ async def run_controller(cfg: ControllerConfig, stop: asyncio.Event) -> None:
             rserver, fleet, task = router
             task.cancel()
             await rserver.stop(2.0)
+            await task.close()
             await fleet.close()
         await server.stop(2.0)
         await registry.close()

@@ -7,6 +7,7 @@ Layout under a configurable prefix ``P`` (default ``/kvfleet``)::
     P/identity/<id>   Identity JSON: hash of the node's credential (persistent)
     P/admin/<id>      AdminEntry JSON: cordoned / draining / drained (persistent)
     P/tokens/<id>     JoinToken JSON: hash of a join token, expiry, revoked (persistent)
+    P/routers/<id>    RouterEntry JSON, attached to the router's own lease: the live routers
 
 Only the controller writes; routers read and watch ``P/nodes/`` and ``P/admin/``.
 Secrets are stored as sha256 hashes; the plaintext is shown once, at creation.
@@ -86,6 +87,14 @@ class JoinToken(pydantic.BaseModel):
     expires_unix_ms: int = 0  # 0: never
     revoked: bool = False
     uses: int = 0
+
+
+class RouterEntry(pydantic.BaseModel):
+    """A live router: quotas are shared among these, the batch runner dials them."""
+
+    router_id: str
+    address: str
+    started_unix_ms: int
 
 
 def sha256_hex(secret: str) -> str:
@@ -212,6 +221,16 @@ class Registry:
 
     async def list_tokens(self) -> list[JoinToken]:
         return await self._list("tokens", JoinToken)
+
+    # -- routers ---------------------------------------------------------------------------------
+    async def put_router(self, entry: RouterEntry, lease_id: int) -> None:
+        await self._put(self._key("routers", entry.router_id), entry, lease=lease_id)
+
+    async def delete_router(self, router_id: str) -> None:
+        await self.client.kv.delete(self._key("routers", router_id))
+
+    async def list_routers(self) -> list[RouterEntry]:
+        return await self._list("routers", RouterEntry)
 
     # -- watching ------------------------------------------------------------------------------
     async def snapshot_and_watch(self) -> tuple[list[RegistryEvent], int, AsyncIterator[RegistryEvent]]:

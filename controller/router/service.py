@@ -20,10 +20,15 @@ from prometheus_client import Counter, Histogram
 
 from kvfleet.hashing import block_hashes
 from kvfleet.tokenizer import IncrementalDetokenizer, Tokenizer
+from kvfleet.controller.router.admission import OpenAdmission
+from kvfleet.controller.router.auth import OpenAuth, Principal
+from kvfleet.controller.router.errors import RequestError
 from kvfleet.controller.router.fleet import Fleet
 from kvfleet.controller.router.policy import ArrivalRate, Candidate, RouteRequest, get_policy
 from kvfleet.controller.router.stops import StopMatcher
+from kvfleet.controller.router.quota import Unlimited
 from kvfleet.controller.router.tokenizers import TokenizerCache, TokenizerUnavailable
+from kvfleet.controller.router.usage import NullSink, UsageRecord
 from kvfleet.v1 import common_pb2 as cpb
 from kvfleet.v1 import inference_pb2 as pb
 from kvfleet.v1 import inference_pb2_grpc as pbg
@@ -50,12 +55,6 @@ RETRYABLE = {
 }
 
 
-class RequestError(Exception):
-    def __init__(self, code: grpc.StatusCode, message: str) -> None:
-        super().__init__(message)
-        self.code = code
-
-
 @dataclass(frozen=True, slots=True)
 class Prepared:
     request_id: str
@@ -67,6 +66,8 @@ class Prepared:
     deadline: float | None       # time.monotonic() seconds
     tokenize_us: float
     arrival_rate: float = 0.0    # requests/s this router receives for the model, this one included
+    tenant: str = "default"
+    batch_item: str = ""         # "<job id>/<custom_id>" when the Batch API runner sent it
 
 
 @dataclass(frozen=True, slots=True)
@@ -80,9 +81,14 @@ class Ranked:
 
 class RouterService(pbg.InferenceServicer):
     def __init__(
-        self, fleet: Fleet, policy: str = "kvfleet", first_token_timeout_s: float = 5.0, max_attempts: int = 3
+        self, fleet: Fleet, policy: str = "kvfleet", first_token_timeout_s: float = 5.0, max_attempts: int = 3,
+        *, auth=None, quotas=None, usage=None, admission=None,
     ) -> None:
         self.fleet = fleet
+        self.auth = auth or OpenAuth()            # auth.py: API key -> tenant
+        self.quotas = quotas or Unlimited()       # quota.py: per tenant and tier
+        self.usage = usage or NullSink()          # usage.py: the ledger's durable inbox
+        self.admission = admission or OpenAdmission()  # admission.py: the tier-ordered queue
         self.tokenizers = TokenizerCache(fleet)
         self.policy = get_policy(policy)
         self.first_token_timeout_s = first_token_timeout_s
@@ -90,13 +96,19 @@ class RouterService(pbg.InferenceServicer):
         self._arrivals: dict[str, ArrivalRate] = {}   # model -> rate of Generate calls routed for it
 
     # -- validation and tokenisation -------------------------------------------------------------
+    def authenticate(self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext) -> Principal:
+        """The caller's tenant (UNAUTHENTICATED when auth is on and the key is missing or bad)."""
+        md = {k: v for k, v in (context.invocation_metadata() or ()) if isinstance(v, str)}
+        return self.auth.authenticate(md, request.tenant)
+
     async def prepare(self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext,
-                      arrival: bool = True) -> Prepared:
+                      arrival: bool = True, principal: Principal | None = None) -> Prepared:
         """Validates and tokenises ``request``. ``arrival``: count it in the model's arrival
         rate (Generate does; ExplainRoute only reads the rate)."""
+        principal = principal or Principal("default")
         if not request.model:
             raise RequestError(grpc.StatusCode.INVALID_ARGUMENT, "model is required")
-        if request.tier == cpb.TIER_BATCH:
+        if request.tier == cpb.TIER_BATCH and not principal.internal:
             raise RequestError(grpc.StatusCode.INVALID_ARGUMENT,
                                "tier batch is only accepted through the Batch API, not interactive Generate")
         serving = self.fleet.serving(request.model)
@@ -156,6 +168,8 @@ class RouterService(pbg.InferenceServicer):
             request_id=request.request_id or uuid.uuid4().hex, model=request.model, tokens=tokens, tokenizer=tok,
             max_tokens=max_tokens, tier=request.tier or cpb.TIER_DEFAULT, deadline=deadline, tokenize_us=tokenize_us,
             arrival_rate=rates.arrive(now) if arrival else rates.peek(now),
+            tenant=principal.tenant,
+            batch_item=dict(context.invocation_metadata() or ()).get("x-kvfleet-batch-item", "") if principal.internal else "",
         )
 
     def rank(self, p: Prepared, exclude: set[str] = frozenset()) -> Ranked:  # type: ignore[assignment]
@@ -188,21 +202,54 @@ class RouterService(pbg.InferenceServicer):
 
     # -- Generate ------------------------------------------------------------------------------
     async def Generate(self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext):
+        # Order: who (auth) -> what (validate, tokenise) -> may they (quota) -> when (tier
+        # queue) -> where (route) -> bill (ledger, before the client sees the usage).
         try:
-            p = await self.prepare(request, context)
+            principal = self.authenticate(request, context)
+            p = await self.prepare(request, context, principal=principal)
         except RequestError as exc:
             REQUESTS.labels(request.model, exc.code.name.lower()).inc()
-            await context.abort(exc.code, str(exc))
+            await self._abort(context, exc)
+        ticket = None
+        admitted = False
         try:
+            ticket = await self.quotas.admit(principal, p.tier, len(p.tokens), p.max_tokens)
+            await self.admission.enter(p, self.rank)
+            admitted = True
             async for msg in self._generate(p, request, context):
+                if msg.HasField("usage"):
+                    u = msg.usage
+                    ticket.done(u.prompt_tokens, u.completion_tokens)
+                    ticket = None
+                    await self.usage.record(self._record(p, u))
                 yield msg
             REQUESTS.labels(p.model, "ok").inc()
         except RequestError as exc:
             REQUESTS.labels(p.model, exc.code.name.lower()).inc()
-            await context.abort(exc.code, str(exc))
+            await self._abort(context, exc)
         except asyncio.CancelledError:
             REQUESTS.labels(p.model, "cancelled").inc()
             raise
+        finally:
+            if admitted:
+                self.admission.leave(p)
+            if ticket is not None:
+                ticket.done(len(p.tokens), 0)
+
+    @staticmethod
+    async def _abort(context: grpc.aio.ServicerContext, exc: RequestError):
+        if exc.trailers:
+            context.set_trailing_metadata(exc.trailers)
+        await context.abort(exc.code, str(exc))
+
+    @staticmethod
+    def _record(p: Prepared, u: pb.Usage) -> UsageRecord:
+        return UsageRecord(
+            request_id=p.request_id, tenant=p.tenant, model=p.model, tier=p.tier, node_id=u.node_id,
+            prompt_tokens=u.prompt_tokens, cached_prompt_tokens=u.cached_prompt_tokens,
+            completion_tokens=u.completion_tokens, finish_reason=u.finish_reason, unix_ms=int(time.time() * 1000),
+            batch_item=p.batch_item,
+        )
 
     def _remaining(self, p: Prepared, context: grpc.aio.ServicerContext) -> float | None:
         rem = context.time_remaining()
@@ -336,9 +383,9 @@ class RouterService(pbg.InferenceServicer):
         if not request.sampling.max_tokens:
             request.sampling.max_tokens = 1
         try:
-            p = await self.prepare(request, context, arrival=False)
+            p = await self.prepare(request, context, arrival=False, principal=self.authenticate(request, context))
         except RequestError as exc:
-            await context.abort(exc.code, str(exc))
+            await self._abort(context, exc)
         ranked = self.rank(p)
         picked = next((c.node_id for c in ranked.candidates if c.eligible), "")
         return pb.ExplainRouteResponse(

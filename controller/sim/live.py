@@ -185,7 +185,7 @@ def start_fleet(data_dir: Path, nodes: int, config: SimConfig, policy: str, time
         fleet.spawn("etcd", etcd_command("live", data_dir / "etcd", etcd_client, etcd_peer))
         fleet.spawn("controller", _ME + [
             "kvfleet.cli.main", "controller", "run", "--no-router", "--etcd", etcd_client, "--listen", fleet.controller,
-            "--lease-ttl", "10",
+            "--lease-ttl", "10", "--data-dir", str(data_dir / "controller"),
         ])
         _wait(lambda: '"controller_ready"' in fleet.log("controller"), timeout, fleet, "the controller")
         fleet.spawn("router", _ME + [

@@ -61,6 +61,8 @@ def controller_run(
     policy: str = PolicyOpt,
     first_token_timeout: float = FirstTokenTimeoutOpt,
     metrics_listen: str = MetricsOpt,
+    data_dir: Path = typer.Option(Path("~/.local/share/kvfleet/controller"), "--data-dir", envvar="KVFLEET_CONTROLLER_DATA",
+                                  help="controller state outside etcd: usage ledger, batch inputs and results"),
     verbose: bool = typer.Option(False, "--verbose", "-v"),
 ) -> None:
     """Serve the Controller API against any etcd."""
@@ -72,7 +74,7 @@ def controller_run(
     eps = _endpoints(etcd)
     cfg = ControllerConfig(
         etcd=eps, prefix=prefix, listen=_check_addr(listen, "--listen"), advertise=advertise,
-        lease_ttl_s=lease_ttl, metrics_listen=metrics_listen,
+        lease_ttl_s=lease_ttl, metrics_listen=metrics_listen, data_dir=data_dir.expanduser(),
         router=RouterConfig(etcd=eps, prefix=prefix, listen=_check_addr(router_listen, "--router-listen"),
                             policy=policy, first_token_timeout_s=first_token_timeout) if router else None,
     )
@@ -87,6 +89,7 @@ def router_run(
     etcd: str = EtcdOpt,
     prefix: str = PrefixOpt,
     listen: str = typer.Option("127.0.0.1:50051", "--listen", envvar="KVFLEET_ROUTER_LISTEN", help="address the Inference server binds"),
+    advertise: str = typer.Option("", "--advertise", envvar="KVFLEET_ROUTER_ADVERTISE", help="address clients and the batch runner dial (default: --listen)"),
     policy: str = PolicyOpt,
     first_token_timeout: float = FirstTokenTimeoutOpt,
     metrics_listen: str = MetricsOpt,
@@ -97,7 +100,8 @@ def router_run(
 
     _logging(verbose)
     _check_policy(policy)
-    cfg = RouterConfig(etcd=_endpoints(etcd), prefix=prefix, listen=_check_addr(listen, "--listen"), policy=policy,
+    cfg = RouterConfig(etcd=_endpoints(etcd), prefix=prefix, listen=_check_addr(listen, "--listen"),
+                       advertise=_check_addr(advertise, "--advertise") if advertise else "", policy=policy,
                        first_token_timeout_s=first_token_timeout, metrics_listen=metrics_listen)
     try:
         run_until_signal(lambda stop: run_router(cfg, stop))

@@ -198,6 +198,7 @@ def start_cluster(tmp: Path, n_nodes: int, node_args: tuple[str, ...] = (),
     cproc = spawn("controller", KVFLEET + [
         "controller", "run", "--etcd", etcd.endpoint, "--listen", controller, "--router-listen", router,
         "--lease-ttl", str(LEASE_TTL), "--first-token-timeout", str(first_token_timeout),
+        "--data-dir", str(tmp / "controller-data"),
     ], tmp)
     c = Cluster(tmp, etcd, controller, router, cproc)
     try:
