@@ -95,6 +95,8 @@ class RouterEntry(pydantic.BaseModel):
     router_id: str
     address: str
     started_unix_ms: int
+    queue_depth: dict[str, int] = {}   # requests waiting in its admission queue, by tier (refreshed each beat)
+    inflight: dict[str, int] = {}      # requests it has admitted and not finished, by tier
 
 
 def sha256_hex(secret: str) -> str:

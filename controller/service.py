@@ -184,3 +184,11 @@ class ControllerService(pbg.ControllerServicer):
             return token_to_pb(await self.m.revoke_token(request.id))
         except NotFound as exc:
             await context.abort(grpc.StatusCode.NOT_FOUND, str(exc))
+
+    async def ListRouters(self, request, context) -> pb.ListRoutersResponse:
+        routers = sorted(await self.m.registry.list_routers(), key=lambda r: r.started_unix_ms)
+        return pb.ListRoutersResponse(routers=[
+            pb.RouterRecord(router_id=r.router_id, address=r.address, started_unix_ms=r.started_unix_ms,
+                            queue_depth=r.queue_depth, inflight=r.inflight)
+            for r in routers
+        ])

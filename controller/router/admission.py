@@ -1,20 +1,339 @@
-"""The router's admission queue: which request goes to a node now, by tier."""
+"""The router's admission queue: which request goes to a node now, by tier.
+
+A node that already has more prefill queued than it can start within a few engine steps
+gains nothing from more work sent now: the work only waits there, out of the router's
+reach, in arrival order. So the router holds lower tiers back and keeps that headroom for
+the tiers above them:
+
+* **priority** is never held: it goes to a node at once, and the engine schedules it
+  ahead of queued work (vLLM's priority scheduling; the sim engine does the same).
+* **default**, **flex** and **batch** go to a node only while some node could start
+  their prefill within ``steps[tier]`` engine steps of queued work (default 4, flex 2,
+  batch 1: the lower the tier, the emptier the fleet must be). They are routed among
+  those nodes only (the policy ranks the rest out), so a busy node holding the prefix is
+  traded for an idle one once it is past the tier's limit.
+* Otherwise the request waits in the router's queue. The queue is ordered by ``arrival +
+  aging[tier]`` (0 s for default, 10 s for flex, 60 s for batch by default): a flex
+  request that has waited 10 s ranks with a default one that just arrived, so lower
+  tiers move up while they wait and cannot starve while there is capacity.
+* A request waits at most its deadline: the request's own, else ``max_wait[tier]``.
+  Past it, or at once when the queue ahead of it would take longer than that to drain
+  (its position over the rate the router has recently admitted requests at), it is shed
+  with RESOURCE_EXHAUSTED and a ``retry-after-ms`` trailer. Lower tiers sit behind higher
+  ones, so they are shed first.
+
+"Queued work in steps" is the node's queued prefill (as :func:`policy.queued_now`
+estimates it now, including what this router sent that the node does not show yet) over
+the prefill tokens one step can carry next to the running decodes (``B - R``; with the
+step budget ``B`` unknown, the prefill of ``STEP_S`` seconds). Measured in the node's
+own steps, so the limits mean the same on any hardware: no seconds, no token counts.
+
+:func:`admissible` is the pure part (columns in, mask out); :class:`TierQueue` is the
+asyncio edge that holds requests until it says yes.
+"""
 
 from __future__ import annotations
 
+import asyncio
+import heapq
+import itertools
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import grpc
+import numpy as np
+from pydantic import BaseModel, Field
+
+from kvfleet.controller.router.errors import RequestError
+from kvfleet.controller.router.nodes import NodeTable
+from kvfleet.controller.router.policy import queued_now
+from kvfleet.v1 import common_pb2 as cpb
+
+TIER_NAMES = {cpb.TIER_PRIORITY: "priority", cpb.TIER_DEFAULT: "default", cpb.TIER_FLEX: "flex", cpb.TIER_BATCH: "batch"}
+STEP_S = 0.05
+"""A step's length where a node does not report its token budget per step: 50 ms of prefill."""
+
+
+class AdmissionConfig(BaseModel):
+    """Tier limits of the admission queue (see the module docstring)."""
+
+    default_steps: float = Field(4.0, gt=0, description="default tier: most engine steps of queued prefill on a node it is sent to")
+    flex_steps: float = Field(2.0, gt=0, description="flex tier: most engine steps of queued prefill on a node it is sent to")
+    batch_steps: float = Field(1.0, gt=0, description="batch tier: most engine steps of queued prefill on a node it is sent to")
+    flex_aging_s: float = Field(10.0, ge=0, description="seconds a flex request waits to rank with a new default one")
+    batch_aging_s: float = Field(60.0, ge=0, description="seconds a batch request waits to rank with a new default one")
+    default_max_wait_s: float = Field(10.0, gt=0, description="longest a default request waits in the router's queue")
+    flex_max_wait_s: float = Field(30.0, gt=0, description="longest a flex request waits when it names no deadline")
+    batch_max_wait_s: float = Field(120.0, gt=0, description="longest a batch item waits before it is handed back to the runner")
+    max_queue: int = Field(10_000, ge=1, description="requests the queue holds; beyond it the lowest tier's newest is shed")
+
+    def steps(self, tier: int) -> float:
+        return {cpb.TIER_FLEX: self.flex_steps, cpb.TIER_BATCH: self.batch_steps}.get(tier, self.default_steps)
+
+    def aging(self, tier: int) -> float:
+        return {cpb.TIER_FLEX: self.flex_aging_s, cpb.TIER_BATCH: self.batch_aging_s}.get(tier, 0.0)
+
+    def max_wait(self, tier: int) -> float:
+        return {cpb.TIER_FLEX: self.flex_max_wait_s, cpb.TIER_BATCH: self.batch_max_wait_s}.get(tier, self.default_max_wait_s)
+
+
+def queued_steps(t: NodeTable, now_s: float) -> np.ndarray:
+    """Each node's queued prefill now, in its engine steps (float; see the module doc)."""
+    rate = np.where(t.prefill_tokens_per_s > 0, t.prefill_tokens_per_s, 1.0)
+    queued = queued_now(t.queued_prefill_tokens.astype(np.float64), t.work_since_s, rate, now_s)
+    budget = t.max_num_batched_tokens
+    per_step = np.where(budget > 0, np.maximum(budget - t.running, 1), rate * STEP_S)
+    return queued / per_step
+
+
+def admissible(t: NodeTable, steps_limit: float, now_s: float) -> np.ndarray:
+    """Rows of ``t`` a request may be sent to now: routable, with at most
+    ``steps_limit`` steps of prefill queued (``inf``: every routable row)."""
+    if math.isinf(steps_limit):
+        return t.routable.copy()
+    return t.routable & (queued_steps(t, now_s) <= steps_limit)
+
+
+class Rate:
+    """Events per second, exponentially weighted over ``tau_s``."""
+
+    __slots__ = ("tau_s", "value", "_t")
+
+    def __init__(self, tau_s: float = 5.0) -> None:
+        self.tau_s, self.value, self._t = tau_s, 0.0, -math.inf
+
+    def tick(self, now: float) -> None:
+        if math.isinf(self._t):
+            self._t = now
+            return
+        decay = math.exp(-max(now - self._t, 0.0) / self.tau_s)
+        self.value = self.value * decay + 1.0 / self.tau_s
+        self._t = now
+
+    def at(self, now: float) -> float:
+        return 0.0 if math.isinf(self._t) else self.value * math.exp(-max(now - self._t, 0.0) / self.tau_s)
+
+
+@dataclass(order=True, slots=True)
+class _Waiter:
+    key: float                                    # arrival + aging: smaller goes first
+    seq: int
+    tier: int = field(compare=False)
+    model: str = field(compare=False)
+    deadline: float = field(compare=False)       # monotonic s
+    future: asyncio.Future = field(compare=False)
+    gone: bool = field(default=False, compare=False)
+
+
+class TierQueue:
+    """Holds non-priority requests until :func:`admissible` finds a node for them.
+
+    ``enter`` returns the node ids the request must not be sent to (those past its
+    tier's limit) or raises RESOURCE_EXHAUSTED; ``leave`` is called once it ends.
+    One dispatcher task serves the queue in key order: it re-checks the head whenever a
+    request ends or enters, and every ``poll_s`` while anything waits (node state
+    arrives once per engine step). O(log n) per enter/leave; a check is a few NumPy
+    passes over the model's node table.
+    """
+
+    def __init__(self, fleet, config: AdmissionConfig | None = None, *,
+                 clock: Callable[[], float] = time.monotonic, poll_s: float = 0.005) -> None:
+        self.fleet = fleet
+        self.config = config or AdmissionConfig()
+        self.clock = clock
+        self.poll_s = poll_s
+        self._heap: list[_Waiter] = []               # lazily cleaned: ``gone`` entries stay until popped
+        self._gone = 0
+        self._seq = itertools.count()
+        self._depth = dict.fromkeys(TIER_NAMES, 0)          # waiting, by tier
+        self._inflight = dict.fromkeys(TIER_NAMES, 0)       # admitted and not ended, by tier
+        self._admitted = Rate()                               # admissions/s (direct and from the queue)
+        self._wake = asyncio.Event()
+        self._task: asyncio.Task | None = None
+        self.shed = dict.fromkeys(TIER_NAMES, 0)             # requests shed, by tier (counters)
+
+    # -- the request path ------------------------------------------------------------------
+    async def enter(self, p, rank=None) -> frozenset[str]:  # noqa: ARG002 - rank kept for the hook's signature
+        tier = p.tier if p.tier in TIER_NAMES else cpb.TIER_DEFAULT
+        now = self.clock()
+        if tier == cpb.TIER_PRIORITY:
+            return self._admit(tier, now, frozenset())
+        if not self._heap:
+            exclude = self._check(p.model, tier, now)
+            if exclude is not None:
+                return self._admit(tier, now, exclude)
+        deadline = now + self.config.max_wait(tier)
+        if p.deadline is not None:
+            deadline = min(deadline, p.deadline) if tier != cpb.TIER_FLEX else p.deadline
+        w = _Waiter(now + self.config.aging(tier), next(self._seq), tier, p.model, deadline,
+                    asyncio.get_running_loop().create_future())
+        ahead = sum(1 for x in self._heap if x < w and not x.gone)
+        rate = self._admitted.at(now)
+        if rate > 0 and now + ahead / rate > deadline:
+            self._count_shed(tier)
+            raise self._exhausted(tier, ahead / rate, f"{ahead} requests are queued ahead of it")
+        if sum(self._depth.values()) >= self.config.max_queue:
+            self._evict_for(w)
+        heapq.heappush(self._heap, w)
+        self._depth[tier] += 1
+        self._ensure_dispatcher()
+        self._wake.set()
+        try:
+            exclude = await asyncio.wait_for(asyncio.shield(w.future), timeout=max(deadline - now, 0.0))
+        except asyncio.TimeoutError:
+            if not w.future.done():
+                self._drop(w)
+                self._count_shed(tier)
+                waited = self.clock() - now
+                raise self._exhausted(tier, max(waited, 1.0), f"it waited {waited:.1f} s in the router's queue") from None
+            exclude = w.future.result()
+        except asyncio.CancelledError:
+            if w.future.done() and not w.future.cancelled() and w.future.exception() is None:
+                self.leave(p)   # admitted at the instant the client went away
+            else:
+                self._drop(w)
+            raise
+        if isinstance(exclude, RequestError):
+            raise exclude
+        return exclude
+
+    def leave(self, p) -> None:
+        tier = p.tier if p.tier in TIER_NAMES else cpb.TIER_DEFAULT
+        self._inflight[tier] = max(self._inflight[tier] - 1, 0)
+        self._wake.set()
+
+    def depths(self) -> dict[str, int]:
+        """Requests waiting in the queue, by tier name."""
+        return {TIER_NAMES[t]: n for t, n in self._depth.items()}
+
+    def inflight(self) -> dict[str, int]:
+        return {TIER_NAMES[t]: n for t, n in self._inflight.items()}
+
+    async def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            try:
+                await self._task
+            except asyncio.CancelledError:
+                pass
+
+    # -- internals -----------------------------------------------------------------------------
+    def _check(self, model: str, tier: int, now: float) -> frozenset[str] | None:
+        """None if no node may take a request of ``tier`` now; else the ids to avoid."""
+        t = self.fleet.columns(model)
+        if not len(t) or not t.routable.any():
+            return frozenset()   # nothing routable at all: let routing fail with UNAVAILABLE now
+        ok = admissible(t, self.config.steps(tier), now)
+        if not ok.any():
+            return None
+        return frozenset(t.node_ids[r] for r in np.flatnonzero(~ok & t.routable).tolist())
+
+    def _admit(self, tier: int, now: float, exclude: frozenset[str]) -> frozenset[str]:
+        self._inflight[tier] += 1
+        self._admitted.tick(now)
+        return exclude
+
+    def _exhausted(self, tier: int, retry_s: float, why: str) -> RequestError:
+        ms = int(max(retry_s, 0.5) * 1000)
+        return RequestError(
+            grpc.StatusCode.RESOURCE_EXHAUSTED,
+            f"fleet at capacity for tier {TIER_NAMES[tier]}: {why}; retry after {ms / 1000:.1f} s",
+            (("retry-after-ms", str(ms)),))
+
+    def _count_shed(self, tier: int) -> None:
+        self.shed[tier] += 1
+
+    def _drop(self, w: _Waiter, error: RequestError | None = None) -> None:
+        """Takes ``w`` out of the queue; its ``enter`` raises ``error`` (if given)."""
+        if self._remove(w) and not w.future.done():
+            if error is not None:
+                w.future.set_result(error)
+            else:
+                w.future.cancel()
+
+    def _remove(self, w: _Waiter) -> bool:
+        """Bookkeeping of taking ``w`` out (the heap entry goes lazily); False if it was out."""
+        if w.gone:
+            return False
+        w.gone = True
+        self._depth[w.tier] -= 1
+        self._gone += 1
+        if self._gone > 64 and self._gone > len(self._heap) // 2:
+            self._heap = [x for x in self._heap if not x.gone]
+            heapq.heapify(self._heap)
+            self._gone = 0
+        return True
+
+    def _evict_for(self, newcomer: _Waiter) -> None:
+        """Queue full: shed the newest of the lowest tier waiting (maybe the newcomer)."""
+        live = [x for x in self._heap if not x.gone]
+        victim = max(live + [newcomer], key=lambda x: (x.tier == cpb.TIER_BATCH, x.tier == cpb.TIER_FLEX, x.key))
+        if victim is newcomer:
+            self._count_shed(newcomer.tier)
+            raise self._exhausted(newcomer.tier, 1.0, "the router's queue is full")
+        self._drop(victim, self._exhausted(victim.tier, 1.0, "the router's queue is full"))
+        self._count_shed(victim.tier)
+
+    def _ensure_dispatcher(self) -> None:
+        if self._task is None or self._task.done():
+            self._task = asyncio.get_running_loop().create_task(self._dispatch(), name="admission")
+
+    async def _dispatch(self) -> None:
+        while True:
+            while self._heap and self._heap[0].gone:
+                heapq.heappop(self._heap)
+                self._gone = max(self._gone - 1, 0)
+            if not self._heap:
+                self._wake.clear()
+                await self._wake.wait()
+                continue
+            released = self._release_one()
+            if released:
+                # Let the released request reach its node (and the router's pending count)
+                # before the next check reads the table.
+                await asyncio.sleep(0)
+                await asyncio.sleep(0)
+                continue
+            self._wake.clear()
+            try:
+                await asyncio.wait_for(self._wake.wait(), timeout=self.poll_s)
+            except asyncio.TimeoutError:
+                pass
+
+    def _release_one(self) -> bool:
+        """Admits the first of the few best-ranked waiters a node can take now."""
+        now = self.clock()
+        for w in heapq.nsmallest(8, (x for x in self._heap if not x.gone)):
+            exclude = self._check(w.model, w.tier, now)
+            if exclude is None:
+                continue
+            if w.future.done():          # the caller went away at the same instant
+                self._drop(w)
+                return True
+            self._remove(w)               # out of the queue...
+            self._admit(w.tier, now, exclude)
+            w.future.set_result(exclude)  # ...and on its way
+            return True
+        return False
+
 
 class OpenAdmission:
-    """No queue: every request is dispatched at once (placeholder until tiers land)."""
+    """No queue: every request goes at once (unit tests of the request path)."""
 
-    async def enter(self, p, rank) -> None:  # noqa: ARG002
-        return None
+    async def enter(self, p, rank=None) -> frozenset[str]:  # noqa: ARG002
+        return frozenset()
 
     def leave(self, p) -> None:  # noqa: ARG002
         return None
 
-    def depths(self) -> dict[int, int]:
+    def depths(self) -> dict[str, int]:
         return {}
 
+    async def close(self) -> None:
+        return None
 
-def build_admission(cfg, fleet):  # noqa: ARG001
-    return OpenAdmission()
+
+def build_admission(cfg, fleet) -> TierQueue:
+    return TierQueue(fleet, getattr(cfg, "admission", None) or AdmissionConfig())

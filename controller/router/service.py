@@ -214,9 +214,9 @@ class RouterService(pbg.InferenceServicer):
         admitted = False
         try:
             ticket = await self.quotas.admit(principal, p.tier, len(p.tokens), p.max_tokens)
-            await self.admission.enter(p, self.rank)
+            avoid = await self.admission.enter(p, self.rank)   # nodes past the tier's limit
             admitted = True
-            async for msg in self._generate(p, request, context):
+            async for msg in self._generate(p, request, context, avoid):
                 if msg.HasField("usage"):
                     u = msg.usage
                     ticket.done(u.prompt_tokens, u.completion_tokens)
@@ -258,9 +258,9 @@ class RouterService(pbg.InferenceServicer):
             rem = own if rem is None else min(rem, own)
         return rem
 
-    async def _generate(self, p: Prepared, request: pb.GenerateRequest, context):
+    async def _generate(self, p: Prepared, request: pb.GenerateRequest, context, avoid=frozenset()):
         t_start = time.monotonic()
-        tried: set[str] = set()
+        tried: set[str] = set(avoid)
         attempts = 0
         last_error = "no ready node"
         while attempts < self.max_attempts:

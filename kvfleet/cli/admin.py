@@ -10,7 +10,7 @@ import grpc
 import typer
 from rich.table import Table
 
-from kvfleet.cli.common import ControllerOpt, JsonOpt, console, fail, print_json, run_rpc
+from kvfleet.cli.common import ControllerOpt, JsonOpt, console, fail, print_json, run_rpc, to_dict
 from kvfleet.v1 import common_pb2 as cpb
 from kvfleet.v1 import controller_pb2 as pb
 from kvfleet.v1 import controller_pb2_grpc as pbg
@@ -60,6 +60,7 @@ async def _call(controller: str, method: str, req):
 def nodes_list(controller: str = ControllerOpt, json_out: bool = JsonOpt) -> None:
     """Every node holding a lease: state, models, capacity, cache and load."""
     resp = run_rpc(lambda: _call(controller, "ListNodes", pb.ListNodesRequest()), controller)
+    routers = run_rpc(lambda: _call(controller, "ListRouters", pb.ListRoutersRequest()), controller).routers
     nodes = [node_dict(n) for n in resp.nodes]
     if json_out:
         print_json(nodes)
@@ -73,6 +74,30 @@ def nodes_list(controller: str = ControllerOpt, json_out: bool = JsonOpt) -> Non
                   str(n["capacity_blocks"]), str(n["cached_blocks"]), str(n["load"]["running"]),
                   str(n["load"]["waiting"]), f"{n['load']['kv_usage']:.0%}", str(n["load"]["queued_prefill_tokens"]))
     console.print(t)
+    console.print(routers_table(routers))
+
+
+TIERS = ("priority", "default", "flex", "batch")
+
+
+def routers_table(routers) -> Table:
+    """The live routers' admission queues: waiting / in flight, per tier."""
+    t = Table(title=f"{len(routers)} router(s): queued / in flight per tier")
+    for col in ("router", "address", *TIERS):
+        t.add_column(col)
+    for r in routers:
+        t.add_row(r.router_id, r.address, *(f"{r.queue_depth.get(k, 0)} / {r.inflight.get(k, 0)}" for k in TIERS))
+    return t
+
+
+@nodes_app.command("routers")
+def nodes_routers(controller: str = ControllerOpt, json_out: bool = JsonOpt) -> None:
+    """The live routers and the queue depth of each tier in their admission queues."""
+    routers = run_rpc(lambda: _call(controller, "ListRouters", pb.ListRoutersRequest()), controller).routers
+    if json_out:
+        print_json([to_dict(r) for r in routers])
+        return
+    console.print(routers_table(routers))
 
 
 async def _node_blocks(address: str) -> dict[str, list[str]]:

@@ -138,3 +138,41 @@ class RevokeJoinTokenRequest(_message.Message):
     ID_FIELD_NUMBER: _ClassVar[int]
     id: str
     def __init__(self, id: _Optional[str] = ...) -> None: ...
+
+class ListRoutersRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class RouterRecord(_message.Message):
+    __slots__ = ("router_id", "address", "started_unix_ms", "queue_depth", "inflight")
+    class QueueDepthEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: int
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[int] = ...) -> None: ...
+    class InflightEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: int
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[int] = ...) -> None: ...
+    ROUTER_ID_FIELD_NUMBER: _ClassVar[int]
+    ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    STARTED_UNIX_MS_FIELD_NUMBER: _ClassVar[int]
+    QUEUE_DEPTH_FIELD_NUMBER: _ClassVar[int]
+    INFLIGHT_FIELD_NUMBER: _ClassVar[int]
+    router_id: str
+    address: str
+    started_unix_ms: int
+    queue_depth: _containers.ScalarMap[str, int]
+    inflight: _containers.ScalarMap[str, int]
+    def __init__(self, router_id: _Optional[str] = ..., address: _Optional[str] = ..., started_unix_ms: _Optional[int] = ..., queue_depth: _Optional[_Mapping[str, int]] = ..., inflight: _Optional[_Mapping[str, int]] = ...) -> None: ...
+
+class ListRoutersResponse(_message.Message):
+    __slots__ = ("routers",)
+    ROUTERS_FIELD_NUMBER: _ClassVar[int]
+    routers: _containers.RepeatedCompositeFieldContainer[RouterRecord]
+    def __init__(self, routers: _Optional[_Iterable[_Union[RouterRecord, _Mapping]]] = ...) -> None: ...

@@ -85,6 +85,11 @@ class ControllerStub:
                 request_serializer=kvfleet_dot_v1_dot_controller__pb2.RevokeJoinTokenRequest.SerializeToString,
                 response_deserializer=kvfleet_dot_v1_dot_controller__pb2.JoinTokenInfo.FromString,
                 _registered_method=True)
+        self.ListRouters = channel.unary_unary(
+                '/kvfleet.v1.Controller/ListRouters',
+                request_serializer=kvfleet_dot_v1_dot_controller__pb2.ListRoutersRequest.SerializeToString,
+                response_deserializer=kvfleet_dot_v1_dot_controller__pb2.ListRoutersResponse.FromString,
+                _registered_method=True)
 
 
 class ControllerServicer:
@@ -154,6 +159,13 @@ class ControllerServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ListRouters(self, request, context):
+        """The live routers and their admission queues.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ControllerServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -206,6 +218,11 @@ def add_ControllerServicer_to_server(servicer, server):
                     servicer.RevokeJoinToken,
                     request_deserializer=kvfleet_dot_v1_dot_controller__pb2.RevokeJoinTokenRequest.FromString,
                     response_serializer=kvfleet_dot_v1_dot_controller__pb2.JoinTokenInfo.SerializeToString,
+            ),
+            'ListRouters': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListRouters,
+                    request_deserializer=kvfleet_dot_v1_dot_controller__pb2.ListRoutersRequest.FromString,
+                    response_serializer=kvfleet_dot_v1_dot_controller__pb2.ListRoutersResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -479,6 +496,33 @@ class Controller:
             '/kvfleet.v1.Controller/RevokeJoinToken',
             kvfleet_dot_v1_dot_controller__pb2.RevokeJoinTokenRequest.SerializeToString,
             kvfleet_dot_v1_dot_controller__pb2.JoinTokenInfo.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListRouters(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/kvfleet.v1.Controller/ListRouters',
+            kvfleet_dot_v1_dot_controller__pb2.ListRoutersRequest.SerializeToString,
+            kvfleet_dot_v1_dot_controller__pb2.ListRoutersResponse.FromString,
             options,
             channel_credentials,
             insecure,

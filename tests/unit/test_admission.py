@@ -1,0 +1,199 @@
+"""The tier admission queue: the pure node check, and the queue's order, aging and shedding
+(with a fake fleet table and a fake clock; no network)."""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass
+
+import grpc
+import numpy as np
+import pytest
+
+from kvfleet.controller.router.admission import AdmissionConfig, TierQueue, admissible, queued_steps
+from kvfleet.controller.router.errors import RequestError
+from kvfleet.controller.router.nodes import NodeTable, NodeView
+from kvfleet.v1 import common_pb2 as cpb
+
+MODEL = "m"
+
+
+def view(node_id: str, queued: int, running: int = 0, budget: int = 1000, routable: bool = True) -> NodeView:
+    return NodeView(node_id=node_id, address="", routable=routable, block_size=16, num_blocks=10_000,
+                    prefill_tokens_per_s=10_000.0, decode_tokens_per_s=50.0, running=running, waiting=0,
+                    kv_usage=0.0, queued_prefill_tokens=queued, cached_blocks=0, slot=-1,
+                    max_num_batched_tokens=budget)
+
+
+def test_queued_steps_counts_prefill_over_what_one_step_carries_beside_the_decodes():
+    t = NodeTable.from_views([view("a", 4000, running=0), view("b", 4000, running=500), view("c", 0)])
+    np.testing.assert_allclose(queued_steps(t, float("-inf")), [4.0, 8.0, 0.0])
+
+
+def test_queued_steps_without_a_step_budget_uses_fifty_ms_of_prefill():
+    t = NodeTable.from_views([view("a", 1000, budget=0)])
+    np.testing.assert_allclose(queued_steps(t, float("-inf")), [2.0])  # 1000 / (10000 tok/s * 0.05 s)
+
+
+def test_admissible_keeps_routable_nodes_within_the_tier_limit():
+    t = NodeTable.from_views([view("a", 4000), view("b", 1000), view("c", 0, routable=False)])
+    assert admissible(t, 4.0, float("-inf")).tolist() == [True, True, False]
+    assert admissible(t, 2.0, float("-inf")).tolist() == [False, True, False]
+    assert admissible(t, float("inf"), float("-inf")).tolist() == [True, True, False]
+
+
+class FakeFleet:
+    def __init__(self, views: list[NodeView]) -> None:
+        self.table = NodeTable.from_views(views)
+
+    def columns(self, model: str) -> NodeTable:
+        assert model == MODEL
+        return self.table
+
+    def set_queued(self, queued: list[int]) -> None:
+        self.table = NodeTable.from_views([view(nid, q) for nid, q in zip(self.table.node_ids, queued)])
+
+
+@dataclass
+class Req:
+    tier: int
+    model: str = MODEL
+    deadline: float | None = None
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def run(coro):
+    return asyncio.run(coro)
+
+
+def test_priority_is_never_held_even_on_a_saturated_fleet():
+    async def main():
+        q = TierQueue(FakeFleet([view("a", 100_000)]), clock=Clock())
+        assert await q.enter(Req(cpb.TIER_PRIORITY)) == frozenset()
+        assert q.inflight()["priority"] == 1
+    run(main())
+
+
+def test_default_goes_to_nodes_within_its_limit_and_avoids_the_rest():
+    async def main():
+        q = TierQueue(FakeFleet([view("a", 10_000), view("b", 1000)]), clock=Clock())
+        assert await q.enter(Req(cpb.TIER_DEFAULT)) == frozenset({"a"})
+    run(main())
+
+
+def test_flex_waits_where_default_still_goes():
+    async def main():
+        fleet = FakeFleet([view("a", 3000)])   # 3 steps: default's limit is 4, flex's 2
+        q = TierQueue(fleet, clock=Clock(), poll_s=0.001)
+        assert await q.enter(Req(cpb.TIER_DEFAULT)) == frozenset()
+        flex = asyncio.create_task(q.enter(Req(cpb.TIER_FLEX)))
+        await asyncio.sleep(0.01)
+        assert not flex.done() and q.depths()["flex"] == 1
+        fleet.set_queued([1000])
+        assert await asyncio.wait_for(flex, 1.0) == frozenset()
+        assert q.depths()["flex"] == 0
+        await q.close()
+    run(main())
+
+
+def test_queue_releases_by_tier_and_aging_order():
+    async def main():
+        clock = Clock()
+        fleet = FakeFleet([view("a", 50_000)])
+        q = TierQueue(fleet, AdmissionConfig(flex_aging_s=10.0), clock=clock, poll_s=0.001)
+        order: list[str] = []
+
+        async def one(name: str, tier: int):
+            await q.enter(Req(tier))
+            order.append(name)
+            fleet.set_queued([50_000])   # the admitted request fills the node again
+
+        tasks = [asyncio.create_task(one("flex-old", cpb.TIER_FLEX))]
+        await asyncio.sleep(0.005)
+        clock.now += 11.0   # the flex request has aged past a fresh default one
+        tasks.append(asyncio.create_task(one("default-new", cpb.TIER_DEFAULT)))
+        await asyncio.sleep(0.005)
+        tasks.append(asyncio.create_task(one("flex-new", cpb.TIER_FLEX)))
+        await asyncio.sleep(0.005)
+        assert q.depths() == {"priority": 0, "default": 1, "flex": 2, "batch": 0}
+        for _ in range(3):
+            fleet.set_queued([0])
+            while len(order) < _ + 1:
+                await asyncio.sleep(0.001)
+        await asyncio.gather(*tasks)
+        assert order == ["flex-old", "default-new", "flex-new"]
+        await q.close()
+    run(main())
+
+
+def test_a_request_past_its_wait_is_shed_with_resource_exhausted_and_a_retry_hint():
+    async def main():
+        q = TierQueue(FakeFleet([view("a", 50_000)]), AdmissionConfig(flex_max_wait_s=0.05), poll_s=0.001)
+        with pytest.raises(RequestError) as err:
+            await q.enter(Req(cpb.TIER_FLEX))
+        assert err.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert "tier flex" in str(err.value) and "retry after" in str(err.value)
+        assert dict(err.value.trailers)["retry-after-ms"].isdigit()
+        assert q.depths()["flex"] == 0 and q.shed[cpb.TIER_FLEX] == 1
+        await q.close()
+    run(main())
+
+
+def test_a_request_that_cannot_drain_before_its_deadline_is_shed_at_once():
+    async def main():
+        clock = Clock()
+        fleet = FakeFleet([view("a", 0)])
+        q = TierQueue(fleet, AdmissionConfig(default_max_wait_s=1.0), clock=clock, poll_s=0.001)
+        for _ in range(5):                  # the router admits about 1 request/s
+            await q.enter(Req(cpb.TIER_DEFAULT))
+            clock.now += 1.0
+        fleet.set_queued([50_000])
+        waiting = [asyncio.create_task(q.enter(Req(cpb.TIER_DEFAULT))) for _ in range(3)]
+        await asyncio.sleep(0.005)
+        with pytest.raises(RequestError) as err:   # 3 ahead at ~1/s: more than its 1 s wait
+            await q.enter(Req(cpb.TIER_DEFAULT))
+        assert err.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED and "queued ahead" in str(err.value)
+        for t in waiting:
+            t.cancel()
+        await asyncio.gather(*waiting, return_exceptions=True)
+        assert q.depths()["default"] == 0
+        await q.close()
+    run(main())
+
+
+def test_a_full_queue_sheds_the_newest_of_the_lowest_tier_first():
+    async def main():
+        q = TierQueue(FakeFleet([view("a", 50_000)]), AdmissionConfig(max_queue=2), poll_s=0.001)
+        flex = asyncio.create_task(q.enter(Req(cpb.TIER_FLEX)))
+        d1 = asyncio.create_task(q.enter(Req(cpb.TIER_DEFAULT)))
+        await asyncio.sleep(0.005)
+        d2 = asyncio.create_task(q.enter(Req(cpb.TIER_DEFAULT)))   # full: the flex one goes
+        await asyncio.sleep(0.005)
+        with pytest.raises(RequestError) as err:
+            await flex
+        assert err.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED and "queue is full" in str(err.value)
+        assert q.depths() == {"priority": 0, "default": 2, "flex": 0, "batch": 0}
+        for t in (d1, d2):
+            t.cancel()
+        await asyncio.gather(d1, d2, return_exceptions=True)
+        assert q.depths()["default"] == 0
+        await q.close()
+    run(main())
+
+
+def test_leave_frees_the_in_flight_count():
+    async def main():
+        q = TierQueue(FakeFleet([view("a", 0)]), clock=Clock())
+        r = Req(cpb.TIER_DEFAULT)
+        await q.enter(r)
+        assert q.inflight()["default"] == 1
+        q.leave(r)
+        assert q.inflight()["default"] == 0
+    run(main())
