@@ -40,6 +40,7 @@ class ModelEntry(pydantic.BaseModel):
     cache_tracking: Literal["exact", "approximate"] = "exact"
     engine: str = "sim"
     max_num_batched_tokens: int = 0     # token budget of one engine step; 0: unknown
+    max_num_seqs: int = 0               # most sequences the engine runs at once; 0: unknown
 
 
 class NodeEntry(pydantic.BaseModel):

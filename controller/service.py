@@ -34,7 +34,7 @@ def model_from_pb(m: cpb.ModelInfo) -> ModelEntry:
         name=m.name, block_size=m.block_size, num_blocks=m.num_blocks, max_model_len=m.max_model_len,
         prefill_tokens_per_s=m.prefill_tokens_per_s, decode_tokens_per_s=m.decode_tokens_per_s,
         tokenizer_digest=m.tokenizer_digest, cache_tracking=TRACKING_FROM_PB.get(m.cache_tracking, "exact"),
-        engine=m.engine, max_num_batched_tokens=m.max_num_batched_tokens,
+        engine=m.engine, max_num_batched_tokens=m.max_num_batched_tokens, max_num_seqs=m.max_num_seqs,
     )
 
 
@@ -43,7 +43,7 @@ def model_to_pb(m: ModelEntry) -> cpb.ModelInfo:
         name=m.name, block_size=m.block_size, num_blocks=m.num_blocks, max_model_len=m.max_model_len,
         prefill_tokens_per_s=m.prefill_tokens_per_s, decode_tokens_per_s=m.decode_tokens_per_s,
         tokenizer_digest=m.tokenizer_digest, cache_tracking=TRACKING_TO_PB[m.cache_tracking], engine=m.engine,
-        max_num_batched_tokens=m.max_num_batched_tokens,
+        max_num_batched_tokens=m.max_num_batched_tokens, max_num_seqs=m.max_num_seqs,
     )
 
 

@@ -27,6 +27,7 @@ class EngineModelInfo:
     vocab_size: int                 # valid token ids are 0 .. vocab_size-1
     exact_cache_tracking: bool = True  # KV events cover the whole cache
     max_num_batched_tokens: int = 0    # token budget of one engine step (chunked prefill); 0: unknown
+    max_num_seqs: int = 0              # most sequences the engine runs at once; 0: unknown
 
 
 @dataclass(frozen=True, slots=True)

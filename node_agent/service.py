@@ -29,7 +29,7 @@ def model_info_pb(engine: Engine) -> cpb.ModelInfo:
         prefill_tokens_per_s=i.prefill_tokens_per_s, decode_tokens_per_s=i.decode_tokens_per_s,
         tokenizer_digest=engine.tokenizer_files().digest,
         cache_tracking=cpb.CACHE_TRACKING_EXACT if i.exact_cache_tracking else cpb.CACHE_TRACKING_APPROXIMATE,
-        engine=i.engine, max_num_batched_tokens=i.max_num_batched_tokens,
+        engine=i.engine, max_num_batched_tokens=i.max_num_batched_tokens, max_num_seqs=i.max_num_seqs,
     )
 
 

@@ -12,10 +12,18 @@ the tiers above them:
   batch 1: the lower the tier, the emptier the fleet must be). They are routed among
   those nodes only (the policy ranks the rest out), so a busy node holding the prefix is
   traded for an idle one once it is past the tier's limit.
+* They also leave part of each node's sequence slots (``max_num_seqs``, where the node
+  reports it) free for the tiers above: 12.5 % for default, 25 % for flex, 50 % for
+  batch. An engine does not preempt a running request for a priority one (vLLM's
+  priority policy preempts only when KV blocks run out), so a priority request that
+  found every slot taken would wait for a running sequence to finish.
 * Otherwise the request waits in the router's queue. The queue is ordered by ``arrival +
   aging[tier]`` (0 s for default, 10 s for flex, 60 s for batch by default): a flex
   request that has waited 10 s ranks with a default one that just arrived, so lower
   tiers move up while they wait and cannot starve while there is capacity.
+  (Defaults: default waits at most 5 s, flex 30 s, batch 120 s, then the client, or
+  the batch runner, retries; ``retry-after-ms`` is the queue ahead over the recent
+  admission rate.)
 * A request waits at most its deadline: the request's own, else ``max_wait[tier]``.
   Past it, or at once when the queue ahead of it would take longer than that to drain
   (its position over the rate the router has recently admitted requests at), it is shed
@@ -44,6 +52,7 @@ from typing import Callable
 
 import grpc
 import numpy as np
+from prometheus_client import Counter, Gauge
 from pydantic import BaseModel, Field
 
 from kvfleet.controller.router.errors import RequestError
@@ -52,6 +61,9 @@ from kvfleet.controller.router.policy import queued_now
 from kvfleet.v1 import common_pb2 as cpb
 
 TIER_NAMES = {cpb.TIER_PRIORITY: "priority", cpb.TIER_DEFAULT: "default", cpb.TIER_FLEX: "flex", cpb.TIER_BATCH: "batch"}
+QUEUE_DEPTH = Gauge("kvfleet_router_queue_depth", "Requests waiting in the admission queue", ["tier"])
+INFLIGHT = Gauge("kvfleet_router_inflight", "Requests admitted and not finished", ["tier"])
+SHED = Counter("kvfleet_router_shed_total", "Requests shed with RESOURCE_EXHAUSTED by the admission queue", ["tier", "reason"])
 STEP_S = 0.05
 """A step's length where a node does not report its token budget per step: 50 ms of prefill."""
 
@@ -62,15 +74,21 @@ class AdmissionConfig(BaseModel):
     default_steps: float = Field(4.0, gt=0, description="default tier: most engine steps of queued prefill on a node it is sent to")
     flex_steps: float = Field(2.0, gt=0, description="flex tier: most engine steps of queued prefill on a node it is sent to")
     batch_steps: float = Field(1.0, gt=0, description="batch tier: most engine steps of queued prefill on a node it is sent to")
+    default_headroom: float = Field(0.125, ge=0, lt=1, description="default tier: fraction of a node's sequence slots (max_num_seqs) left free for priority")
+    flex_headroom: float = Field(0.25, ge=0, lt=1, description="flex tier: fraction of a node's sequence slots left free for the tiers above")
+    batch_headroom: float = Field(0.5, ge=0, lt=1, description="batch tier: fraction of a node's sequence slots left free for interactive tiers")
     flex_aging_s: float = Field(10.0, ge=0, description="seconds a flex request waits to rank with a new default one")
     batch_aging_s: float = Field(60.0, ge=0, description="seconds a batch request waits to rank with a new default one")
-    default_max_wait_s: float = Field(10.0, gt=0, description="longest a default request waits in the router's queue")
+    default_max_wait_s: float = Field(5.0, gt=0, description="longest a default request waits in the router's queue")
     flex_max_wait_s: float = Field(30.0, gt=0, description="longest a flex request waits when it names no deadline")
     batch_max_wait_s: float = Field(120.0, gt=0, description="longest a batch item waits before it is handed back to the runner")
     max_queue: int = Field(10_000, ge=1, description="requests the queue holds; beyond it the lowest tier's newest is shed")
 
     def steps(self, tier: int) -> float:
         return {cpb.TIER_FLEX: self.flex_steps, cpb.TIER_BATCH: self.batch_steps}.get(tier, self.default_steps)
+
+    def headroom(self, tier: int) -> float:
+        return {cpb.TIER_FLEX: self.flex_headroom, cpb.TIER_BATCH: self.batch_headroom}.get(tier, self.default_headroom)
 
     def aging(self, tier: int) -> float:
         return {cpb.TIER_FLEX: self.flex_aging_s, cpb.TIER_BATCH: self.batch_aging_s}.get(tier, 0.0)
@@ -88,12 +106,19 @@ def queued_steps(t: NodeTable, now_s: float) -> np.ndarray:
     return queued / per_step
 
 
-def admissible(t: NodeTable, steps_limit: float, now_s: float) -> np.ndarray:
+def admissible(t: NodeTable, steps_limit: float, now_s: float, headroom: float = 0.0) -> np.ndarray:
     """Rows of ``t`` a request may be sent to now: routable, with at most
-    ``steps_limit`` steps of prefill queued (``inf``: every routable row)."""
-    if math.isinf(steps_limit):
-        return t.routable.copy()
-    return t.routable & (queued_steps(t, now_s) <= steps_limit)
+    ``steps_limit`` steps of prefill queued (``inf``: no limit), and a sequence slot free
+    beyond the ``headroom`` fraction of the engine's ``max_num_seqs`` kept for higher tiers
+    (where the node reports it)."""
+    ok = t.routable.copy()
+    if not math.isinf(steps_limit):
+        ok &= queued_steps(t, now_s) <= steps_limit
+    if headroom > 0:
+        seqs = t.max_num_seqs
+        limit = np.floor(seqs * (1.0 - headroom))
+        ok &= (seqs <= 0) | (t.running + t.waiting + 1 <= limit)
+    return ok
 
 
 class Rate:
@@ -172,12 +197,13 @@ class TierQueue:
         ahead = sum(1 for x in self._heap if x < w and not x.gone)
         rate = self._admitted.at(now)
         if rate > 0 and now + ahead / rate > deadline:
-            self._count_shed(tier)
-            raise self._exhausted(tier, ahead / rate, f"{ahead} requests are queued ahead of it")
+            self._count_shed(tier, "backlog")
+            raise self._exhausted(tier, self._retry_after(tier, now), f"{ahead} requests are queued ahead of it")
         if sum(self._depth.values()) >= self.config.max_queue:
             self._evict_for(w)
         heapq.heappush(self._heap, w)
         self._depth[tier] += 1
+        self._gauges(tier)
         self._ensure_dispatcher()
         self._wake.set()
         try:
@@ -186,8 +212,9 @@ class TierQueue:
             if not w.future.done():
                 self._drop(w)
                 self._count_shed(tier)
-                waited = self.clock() - now
-                raise self._exhausted(tier, max(waited, 1.0), f"it waited {waited:.1f} s in the router's queue") from None
+                later = self.clock()
+                raise self._exhausted(tier, self._retry_after(tier, later),
+                                      f"it waited {later - now:.1f} s in the router's queue") from None
             exclude = w.future.result()
         except asyncio.CancelledError:
             if w.future.done() and not w.future.cancelled() and w.future.exception() is None:
@@ -202,7 +229,12 @@ class TierQueue:
     def leave(self, p) -> None:
         tier = p.tier if p.tier in TIER_NAMES else cpb.TIER_DEFAULT
         self._inflight[tier] = max(self._inflight[tier] - 1, 0)
+        self._gauges(tier)
         self._wake.set()
+
+    def _gauges(self, tier: int) -> None:
+        QUEUE_DEPTH.labels(TIER_NAMES[tier]).set(self._depth[tier])
+        INFLIGHT.labels(TIER_NAMES[tier]).set(self._inflight[tier])
 
     def depths(self) -> dict[str, int]:
         """Requests waiting in the queue, by tier name."""
@@ -225,15 +257,25 @@ class TierQueue:
         t = self.fleet.columns(model)
         if not len(t) or not t.routable.any():
             return frozenset()   # nothing routable at all: let routing fail with UNAVAILABLE now
-        ok = admissible(t, self.config.steps(tier), now)
+        ok = admissible(t, self.config.steps(tier), now, self.config.headroom(tier))
         if not ok.any():
             return None
         return frozenset(t.node_ids[r] for r in np.flatnonzero(~ok & t.routable).tolist())
 
     def _admit(self, tier: int, now: float, exclude: frozenset[str]) -> frozenset[str]:
         self._inflight[tier] += 1
+        self._gauges(tier)
         self._admitted.tick(now)
         return exclude
+
+    def _retry_after(self, tier: int, now: float) -> float:
+        """When a request of ``tier`` arriving now could expect a node: the queue ahead of
+        it over the recent admission rate; at most the tier's wait."""
+        key = now + self.config.aging(tier)
+        ahead = sum(1 for x in self._heap if not x.gone and x.key <= key)
+        rate = self._admitted.at(now)
+        est = ahead / rate if rate > 0 else self.config.max_wait(tier) / 2
+        return min(est, self.config.max_wait(tier))
 
     def _exhausted(self, tier: int, retry_s: float, why: str) -> RequestError:
         ms = int(max(retry_s, 0.5) * 1000)
@@ -242,8 +284,9 @@ class TierQueue:
             f"fleet at capacity for tier {TIER_NAMES[tier]}: {why}; retry after {ms / 1000:.1f} s",
             (("retry-after-ms", str(ms)),))
 
-    def _count_shed(self, tier: int) -> None:
+    def _count_shed(self, tier: int, reason: str = "wait") -> None:
         self.shed[tier] += 1
+        SHED.labels(TIER_NAMES[tier], reason).inc()
 
     def _drop(self, w: _Waiter, error: RequestError | None = None) -> None:
         """Takes ``w`` out of the queue; its ``enter`` raises ``error`` (if given)."""
@@ -259,6 +302,7 @@ class TierQueue:
             return False
         w.gone = True
         self._depth[w.tier] -= 1
+        self._gauges(w.tier)
         self._gone += 1
         if self._gone > 64 and self._gone > len(self._heap) // 2:
             self._heap = [x for x in self._heap if not x.gone]
@@ -271,10 +315,11 @@ class TierQueue:
         live = [x for x in self._heap if not x.gone]
         victim = max(live + [newcomer], key=lambda x: (x.tier == cpb.TIER_BATCH, x.tier == cpb.TIER_FLEX, x.key))
         if victim is newcomer:
-            self._count_shed(newcomer.tier)
-            raise self._exhausted(newcomer.tier, 1.0, "the router's queue is full")
-        self._drop(victim, self._exhausted(victim.tier, 1.0, "the router's queue is full"))
-        self._count_shed(victim.tier)
+            self._count_shed(newcomer.tier, "full")
+            raise self._exhausted(newcomer.tier, self._retry_after(newcomer.tier, self.clock()), "the router's queue is full")
+        self._drop(victim, self._exhausted(victim.tier, self._retry_after(victim.tier, self.clock()),
+                                           "the router's queue is full"))
+        self._count_shed(victim.tier, "full")
 
     def _ensure_dispatcher(self) -> None:
         if self._task is None or self._task.done():

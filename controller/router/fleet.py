@@ -329,7 +329,7 @@ class Fleet:
             running=c.running, waiting=c.waiting + len(c.pending), kv_usage=c.kv_usage,
             queued_prefill_tokens=c.queued_prefill_tokens + max(c.pending_tokens, 0),
             cached_blocks=c.cached_blocks, slot=-1 if slot is None else slot,
-            decode_step_s=c.decode_step_s, max_num_batched_tokens=m.max_num_batched_tokens,
+            decode_step_s=c.decode_step_s, max_num_batched_tokens=m.max_num_batched_tokens, max_num_seqs=m.max_num_seqs,
             work_since_s=_work_since(c),
         )
 

@@ -43,6 +43,7 @@ class NodeView:
     slot: int                     # the node's slot in the PrefixIndex (-1 if none)
     decode_step_s: float = 0.0    # one decode step at the node's current batch, s (0: idle or unknown)
     max_num_batched_tokens: int = 0  # the engine's token budget per step (0: unknown)
+    max_num_seqs: int = 0         # most sequences the engine runs at once (0: unknown)
     work_since_s: float = float("inf")  # since when the node has had queued prefill, as far as the
                                         # router knows (its clock; inf: none)
 
@@ -61,6 +62,7 @@ COLUMNS: dict[str, type] = {
     "slot": np.int64,
     "decode_step_s": np.float64,
     "max_num_batched_tokens": np.int64,
+    "max_num_seqs": np.int64,
     "work_since_s": np.float64,
 }
 """The numeric :class:`NodeView` fields, each one column of this dtype."""

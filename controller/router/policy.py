@@ -57,6 +57,9 @@ class RouteRequest:
     max_tokens: int               # completion budget, tokens
     arrival_rate: float = 0.0     # requests/s arriving for this model (the router's recent rate; 0: unknown)
     now_s: float = float("-inf")  # the router's clock at the decision (same clock as work_since_s; -inf: none)
+    latency_weight: float = 1.0   # what a second of this request's own TTFT is worth against a second of
+                                  # delay to others (1: interactive; lower for flex and batch, which pay
+                                  # less for latency, so their cost leans further towards cache affinity)
 
 
 class ArrivalRate:
@@ -128,7 +131,8 @@ def predicted_cached_tokens(matched_blocks: int, prompt_tokens: int, block_size:
 # -- the cost ---------------------------------------------------------------------------------
 def estimated_ttft_s(queued_prefill_tokens: np.ndarray, uncached_tokens: np.ndarray, running: np.ndarray,
                      prefill_tokens_per_s: np.ndarray, decode_step_s: np.ndarray,
-                     max_num_batched_tokens: np.ndarray, arrivals_per_node_s: float) -> np.ndarray:
+                     max_num_batched_tokens: np.ndarray, arrivals_per_node_s: float,
+                     latency_weight: float = 1.0) -> np.ndarray:
     """kvfleet's cost, seconds, vectorised over nodes: the request's estimated time to
     first token on each node plus the delay its prefill adds to the requests that will
     arrive at that node while it is ahead of them.
@@ -140,7 +144,7 @@ def estimated_ttft_s(queued_prefill_tokens: np.ndarray, uncached_tokens: np.ndar
         work  = Q + U                                   tokens to prefill up to our first token
         steps = ceil(work / (B - R))                    vLLM runs the R decodes first in each step
         ttft  = work / rate + steps * D + (D / 2 if the node is busy)
-        cost  = ttft + (lam * ttft) * U / rate
+        cost  = w * ttft + (lam * ttft) * U / rate
 
     * ``work / rate``: the prefill queued ahead plus our own.
     * ``steps * D``: every engine step that carries part of that prefill also decodes the
@@ -174,7 +178,7 @@ def estimated_ttft_s(queued_prefill_tokens: np.ndarray, uncached_tokens: np.ndar
     steps = np.ceil(work / np.maximum(max_num_batched_tokens - running, 1))
     steps[max_num_batched_tokens <= 0] = 1.0
     ttft = work / prefill_tokens_per_s + (steps + 0.5) * step
-    return ttft * (1.0 + arrivals_per_node_s * uncached_tokens / prefill_tokens_per_s)
+    return ttft * (latency_weight + arrivals_per_node_s * uncached_tokens / prefill_tokens_per_s)
 
 
 def queued_now(queued_prefill_tokens: np.ndarray, work_since_s: np.ndarray, prefill_tokens_per_s: np.ndarray,
@@ -253,7 +257,8 @@ def evaluate(request: RouteRequest, nodes: Nodes, index: PrefixIndex) -> Evaluat
     per_node = request.arrival_rate / max(int(np.count_nonzero(eligible)), 1)
     rate1 = np.where(eligible, rate, 1.0)
     cost = estimated_ttft_s(queued_now(t.queued_prefill_tokens, t.work_since_s, rate1, request.now_s), uncached,
-                            t.running, rate1, t.decode_step_s, t.max_num_batched_tokens, per_node)
+                            t.running, rate1, t.decode_step_s, t.max_num_batched_tokens, per_node,
+                            request.latency_weight)
     cost[~eligible] = np.inf
     return Evaluation(t, eligible, cached, uncached, cost, bs, need_blocks)
 

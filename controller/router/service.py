@@ -47,6 +47,8 @@ TTFT = Histogram("kvfleet_router_ttft_seconds", "Time to first token as the rout
 DECIDE = Histogram("kvfleet_router_decision_seconds", "Tokenise + hash + policy time", ["model"],
                    buckets=(1e-5, 2.5e-5, 5e-5, 1e-4, 2.5e-4, 5e-4, 1e-3, 2.5e-3, 1e-2))
 
+# Flex and batch pay less for latency: their cost leans towards cache affinity (policy.RouteRequest).
+LATENCY_WEIGHT = {cpb.TIER_FLEX: 0.5, cpb.TIER_BATCH: 0.25}
 FINISH = {"length": cpb.FINISH_REASON_LENGTH, "stop": cpb.FINISH_REASON_STOP, "abort": cpb.FINISH_REASON_ABORT}
 RETRYABLE = {
     grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.INTERNAL,
@@ -190,7 +192,8 @@ class RouterService(pbg.InferenceServicer):
             t1 = time.perf_counter()
             index = self.fleet.index.get_or_create(p.model, bs)
             ranking = self.policy.rank(
-                RouteRequest(hashes, len(p.tokens), bs, p.max_tokens, p.arrival_rate, time.monotonic()), group, index)
+                RouteRequest(hashes, len(p.tokens), bs, p.max_tokens, p.arrival_rate, time.monotonic(),
+                             LATENCY_WEIGHT.get(p.tier, 1.0)), group, index)
             out = ranking if len(sizes) == 1 else [*out, *ranking]
             decide_s += time.perf_counter() - t1
             hash_s += t1 - t0

@@ -174,6 +174,7 @@ def fleet_table(fleet: list[_Node], config: SimConfig) -> NodeTable:
         num_blocks=config.num_blocks, prefill_tokens_per_s=config.prefill_tokens_per_s,
         decode_tokens_per_s=decode_tps, running=0, waiting=0, kv_usage=0.0, queued_prefill_tokens=0,
         cached_blocks=0, slot=nd.slot, max_num_batched_tokens=config.max_num_batched_tokens,
+        max_num_seqs=config.max_num_seqs,
     ) for nd in fleet)
 
 

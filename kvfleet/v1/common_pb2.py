@@ -24,21 +24,21 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17kvfleet/v1/common.proto\x12\nkvfleet.v1\"\xae\x01\n\x0eSamplingParams\x12\x12\n\nmax_tokens\x18\x01 \x01(\r\x12\x18\n\x0btemperature\x18\x02 \x01(\x02H\x00\x88\x01\x01\x12\x12\n\x05top_p\x18\x03 \x01(\x02H\x01\x88\x01\x01\x12\x11\n\x04seed\x18\x04 \x01(\x04H\x02\x88\x01\x01\x12\x0c\n\x04stop\x18\x05 \x03(\t\x12\x16\n\x0estop_token_ids\x18\x06 \x03(\rB\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x07\n\x05_seed\",\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\"9\n\x0c\x43hatMessages\x12)\n\x08messages\x18\x01 \x03(\x0b\x32\x17.kvfleet.v1.ChatMessage\"\x17\n\x08TokenIds\x12\x0b\n\x03ids\x18\x01 \x03(\r\"\xa0\x01\n\x0bLoadSignals\x12\x0f\n\x07running\x18\x01 \x01(\r\x12\x0f\n\x07waiting\x18\x02 \x01(\r\x12\x10\n\x08kv_usage\x18\x03 \x01(\x02\x12\x1d\n\x15queued_prefill_tokens\x18\x04 \x01(\x04\x12\x15\n\rcached_blocks\x18\x05 \x01(\x04\x12\x10\n\x08inflight\x18\x06 \x01(\r\x12\x15\n\rdecode_step_s\x18\x07 \x01(\x02\"\x90\x02\n\tModelInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x12\n\nblock_size\x18\x02 \x01(\r\x12\x12\n\nnum_blocks\x18\x03 \x01(\x04\x12\x15\n\rmax_model_len\x18\x04 \x01(\r\x12\x1c\n\x14prefill_tokens_per_s\x18\x05 \x01(\x01\x12\x1b\n\x13\x64\x65\x63ode_tokens_per_s\x18\x06 \x01(\x01\x12\x18\n\x10tokenizer_digest\x18\x07 \x01(\t\x12\x31\n\x0e\x63\x61\x63he_tracking\x18\x08 \x01(\x0e\x32\x19.kvfleet.v1.CacheTracking\x12\x0e\n\x06\x65ngine\x18\t \x01(\t\x12\x1e\n\x16max_num_batched_tokens\x18\n \x01(\r\".\n\tChainHead\x12\x12\n\nblock_hash\x18\x01 \x01(\x06\x12\r\n\x05\x64\x65pth\x18\x02 \x01(\r\"Z\n\x0c\x43\x61\x63heSummary\x12\r\n\x05model\x18\x01 \x01(\t\x12\x15\n\rcached_blocks\x18\x02 \x01(\x04\x12$\n\x05heads\x18\x03 \x03(\x0b\x32\x15.kvfleet.v1.ChainHead*Y\n\x04Tier\x12\r\n\tTIER_AUTO\x10\x00\x12\x11\n\rTIER_PRIORITY\x10\x01\x12\x10\n\x0cTIER_DEFAULT\x10\x02\x12\r\n\tTIER_FLEX\x10\x03\x12\x0e\n\nTIER_BATCH\x10\x04*x\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x01\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x02\x12\x17\n\x13\x46INISH_REASON_ABORT\x10\x03*\xa1\x01\n\tNodeState\x12\x1a\n\x16NODE_STATE_UNSPECIFIED\x10\x00\x12\x14\n\x10NODE_STATE_READY\x10\x01\x12\x18\n\x14NODE_STATE_NOT_READY\x10\x02\x12\x17\n\x13NODE_STATE_CORDONED\x10\x03\x12\x17\n\x13NODE_STATE_DRAINING\x10\x04\x12\x16\n\x12NODE_STATE_DRAINED\x10\x05*i\n\rCacheTracking\x12\x1e\n\x1a\x43\x41\x43HE_TRACKING_UNSPECIFIED\x10\x00\x12\x18\n\x14\x43\x41\x43HE_TRACKING_EXACT\x10\x01\x12\x1e\n\x1a\x43\x41\x43HE_TRACKING_APPROXIMATE\x10\x02\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17kvfleet/v1/common.proto\x12\nkvfleet.v1\"\xae\x01\n\x0eSamplingParams\x12\x12\n\nmax_tokens\x18\x01 \x01(\r\x12\x18\n\x0btemperature\x18\x02 \x01(\x02H\x00\x88\x01\x01\x12\x12\n\x05top_p\x18\x03 \x01(\x02H\x01\x88\x01\x01\x12\x11\n\x04seed\x18\x04 \x01(\x04H\x02\x88\x01\x01\x12\x0c\n\x04stop\x18\x05 \x03(\t\x12\x16\n\x0estop_token_ids\x18\x06 \x03(\rB\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x07\n\x05_seed\",\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\"9\n\x0c\x43hatMessages\x12)\n\x08messages\x18\x01 \x03(\x0b\x32\x17.kvfleet.v1.ChatMessage\"\x17\n\x08TokenIds\x12\x0b\n\x03ids\x18\x01 \x03(\r\"\xa0\x01\n\x0bLoadSignals\x12\x0f\n\x07running\x18\x01 \x01(\r\x12\x0f\n\x07waiting\x18\x02 \x01(\r\x12\x10\n\x08kv_usage\x18\x03 \x01(\x02\x12\x1d\n\x15queued_prefill_tokens\x18\x04 \x01(\x04\x12\x15\n\rcached_blocks\x18\x05 \x01(\x04\x12\x10\n\x08inflight\x18\x06 \x01(\r\x12\x15\n\rdecode_step_s\x18\x07 \x01(\x02\"\xa6\x02\n\tModelInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x12\n\nblock_size\x18\x02 \x01(\r\x12\x12\n\nnum_blocks\x18\x03 \x01(\x04\x12\x15\n\rmax_model_len\x18\x04 \x01(\r\x12\x1c\n\x14prefill_tokens_per_s\x18\x05 \x01(\x01\x12\x1b\n\x13\x64\x65\x63ode_tokens_per_s\x18\x06 \x01(\x01\x12\x18\n\x10tokenizer_digest\x18\x07 \x01(\t\x12\x31\n\x0e\x63\x61\x63he_tracking\x18\x08 \x01(\x0e\x32\x19.kvfleet.v1.CacheTracking\x12\x0e\n\x06\x65ngine\x18\t \x01(\t\x12\x1e\n\x16max_num_batched_tokens\x18\n \x01(\r\x12\x14\n\x0cmax_num_seqs\x18\x0b \x01(\r\".\n\tChainHead\x12\x12\n\nblock_hash\x18\x01 \x01(\x06\x12\r\n\x05\x64\x65pth\x18\x02 \x01(\r\"Z\n\x0c\x43\x61\x63heSummary\x12\r\n\x05model\x18\x01 \x01(\t\x12\x15\n\rcached_blocks\x18\x02 \x01(\x04\x12$\n\x05heads\x18\x03 \x03(\x0b\x32\x15.kvfleet.v1.ChainHead*Y\n\x04Tier\x12\r\n\tTIER_AUTO\x10\x00\x12\x11\n\rTIER_PRIORITY\x10\x01\x12\x10\n\x0cTIER_DEFAULT\x10\x02\x12\r\n\tTIER_FLEX\x10\x03\x12\x0e\n\nTIER_BATCH\x10\x04*x\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x01\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x02\x12\x17\n\x13\x46INISH_REASON_ABORT\x10\x03*\xa1\x01\n\tNodeState\x12\x1a\n\x16NODE_STATE_UNSPECIFIED\x10\x00\x12\x14\n\x10NODE_STATE_READY\x10\x01\x12\x18\n\x14NODE_STATE_NOT_READY\x10\x02\x12\x17\n\x13NODE_STATE_CORDONED\x10\x03\x12\x17\n\x13NODE_STATE_DRAINING\x10\x04\x12\x16\n\x12NODE_STATE_DRAINED\x10\x05*i\n\rCacheTracking\x12\x1e\n\x1a\x43\x41\x43HE_TRACKING_UNSPECIFIED\x10\x00\x12\x18\n\x14\x43\x41\x43HE_TRACKING_EXACT\x10\x01\x12\x1e\n\x1a\x43\x41\x43HE_TRACKING_APPROXIMATE\x10\x02\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'kvfleet.v1.common_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_TIER']._serialized_start=924
-  _globals['_TIER']._serialized_end=1013
-  _globals['_FINISHREASON']._serialized_start=1015
-  _globals['_FINISHREASON']._serialized_end=1135
-  _globals['_NODESTATE']._serialized_start=1138
-  _globals['_NODESTATE']._serialized_end=1299
-  _globals['_CACHETRACKING']._serialized_start=1301
-  _globals['_CACHETRACKING']._serialized_end=1406
+  _globals['_TIER']._serialized_start=946
+  _globals['_TIER']._serialized_end=1035
+  _globals['_FINISHREASON']._serialized_start=1037
+  _globals['_FINISHREASON']._serialized_end=1157
+  _globals['_NODESTATE']._serialized_start=1160
+  _globals['_NODESTATE']._serialized_end=1321
+  _globals['_CACHETRACKING']._serialized_start=1323
+  _globals['_CACHETRACKING']._serialized_end=1428
   _globals['_SAMPLINGPARAMS']._serialized_start=40
   _globals['_SAMPLINGPARAMS']._serialized_end=214
   _globals['_CHATMESSAGE']._serialized_start=216
@@ -50,9 +50,9 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_LOADSIGNALS']._serialized_start=347
   _globals['_LOADSIGNALS']._serialized_end=507
   _globals['_MODELINFO']._serialized_start=510
-  _globals['_MODELINFO']._serialized_end=782
-  _globals['_CHAINHEAD']._serialized_start=784
-  _globals['_CHAINHEAD']._serialized_end=830
-  _globals['_CACHESUMMARY']._serialized_start=832
-  _globals['_CACHESUMMARY']._serialized_end=922
+  _globals['_MODELINFO']._serialized_end=804
+  _globals['_CHAINHEAD']._serialized_start=806
+  _globals['_CHAINHEAD']._serialized_end=852
+  _globals['_CACHESUMMARY']._serialized_start=854
+  _globals['_CACHESUMMARY']._serialized_end=944
 # @@protoc_insertion_point(module_scope)

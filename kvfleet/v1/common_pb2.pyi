@@ -110,7 +110,7 @@ class LoadSignals(_message.Message):
     def __init__(self, running: _Optional[int] = ..., waiting: _Optional[int] = ..., kv_usage: _Optional[float] = ..., queued_prefill_tokens: _Optional[int] = ..., cached_blocks: _Optional[int] = ..., inflight: _Optional[int] = ..., decode_step_s: _Optional[float] = ...) -> None: ...
 
 class ModelInfo(_message.Message):
-    __slots__ = ("name", "block_size", "num_blocks", "max_model_len", "prefill_tokens_per_s", "decode_tokens_per_s", "tokenizer_digest", "cache_tracking", "engine", "max_num_batched_tokens")
+    __slots__ = ("name", "block_size", "num_blocks", "max_model_len", "prefill_tokens_per_s", "decode_tokens_per_s", "tokenizer_digest", "cache_tracking", "engine", "max_num_batched_tokens", "max_num_seqs")
     NAME_FIELD_NUMBER: _ClassVar[int]
     BLOCK_SIZE_FIELD_NUMBER: _ClassVar[int]
     NUM_BLOCKS_FIELD_NUMBER: _ClassVar[int]
@@ -121,6 +121,7 @@ class ModelInfo(_message.Message):
     CACHE_TRACKING_FIELD_NUMBER: _ClassVar[int]
     ENGINE_FIELD_NUMBER: _ClassVar[int]
     MAX_NUM_BATCHED_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    MAX_NUM_SEQS_FIELD_NUMBER: _ClassVar[int]
     name: str
     block_size: int
     num_blocks: int
@@ -131,7 +132,8 @@ class ModelInfo(_message.Message):
     cache_tracking: CacheTracking
     engine: str
     max_num_batched_tokens: int
-    def __init__(self, name: _Optional[str] = ..., block_size: _Optional[int] = ..., num_blocks: _Optional[int] = ..., max_model_len: _Optional[int] = ..., prefill_tokens_per_s: _Optional[float] = ..., decode_tokens_per_s: _Optional[float] = ..., tokenizer_digest: _Optional[str] = ..., cache_tracking: _Optional[_Union[CacheTracking, str]] = ..., engine: _Optional[str] = ..., max_num_batched_tokens: _Optional[int] = ...) -> None: ...
+    max_num_seqs: int
+    def __init__(self, name: _Optional[str] = ..., block_size: _Optional[int] = ..., num_blocks: _Optional[int] = ..., max_model_len: _Optional[int] = ..., prefill_tokens_per_s: _Optional[float] = ..., decode_tokens_per_s: _Optional[float] = ..., tokenizer_digest: _Optional[str] = ..., cache_tracking: _Optional[_Union[CacheTracking, str]] = ..., engine: _Optional[str] = ..., max_num_batched_tokens: _Optional[int] = ..., max_num_seqs: _Optional[int] = ...) -> None: ...
 
 class ChainHead(_message.Message):
     __slots__ = ("block_hash", "depth")

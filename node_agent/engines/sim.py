@@ -84,7 +84,7 @@ class SimEngine(Engine):
             engine="sim",
             vocab_size=cfg.vocab_size,
             exact_cache_tracking=True,
-            max_num_batched_tokens=cfg.max_num_batched_tokens,
+            max_num_batched_tokens=cfg.max_num_batched_tokens, max_num_seqs=cfg.max_num_seqs,
         )
         self._clock = clock
         self._sleep = sleep

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 from dataclasses import dataclass
 
 import grpc
@@ -197,3 +198,15 @@ def test_leave_frees_the_in_flight_count():
         q.leave(r)
         assert q.inflight()["default"] == 0
     run(main())
+
+
+def test_lower_tiers_leave_sequence_slots_free_for_the_tiers_above():
+    v = lambda name, running, waiting, seqs=16: dataclasses.replace(  # noqa: E731
+        view(name, 0), running=running, waiting=waiting, max_num_seqs=seqs)
+    t = NodeTable.from_views([v("a", 13, 0), v("b", 11, 0), v("c", 7, 0), v("d", 20, 0, seqs=0)])
+    # 16 slots: default may fill 14 (12.5 % kept), flex 12, batch 8; 0 = unknown: no limit.
+    assert admissible(t, float("inf"), float("-inf"), 0.125).tolist() == [True, True, True, True]
+    assert admissible(t, float("inf"), float("-inf"), 0.25).tolist() == [False, True, True, True]
+    assert admissible(t, float("inf"), float("-inf"), 0.5).tolist() == [False, False, True, True]
+    t = NodeTable.from_views([v("a", 12, 2)])   # waiting requests hold slots too
+    assert admissible(t, float("inf"), float("-inf"), 0.125).tolist() == [False]

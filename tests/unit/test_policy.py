@@ -469,3 +469,19 @@ def test_kvfleet_prefers_a_holder_whose_queued_prefill_is_mostly_done():
     fresh = RouteRequest(h, 2176, BS, 16, now_s=100.06)
     assert get_policy("kvfleet").rank(stale, nodes, idx)[0].node_id == "idle"
     assert get_policy("kvfleet").rank(fresh, nodes, idx)[0].node_id == "holder"
+
+def test_a_lower_latency_weight_trades_more_load_for_cache_affinity():
+    # Node a holds 60 of the prompt's 64 blocks but has 1,500 tokens queued; b is idle.
+    # Cost with lam = 0.5 req/s per node, rate 1,000 tok/s:
+    #   a: ttft = (1500 + 64) / 1000 = 1.564  -> w * 1.564 + 0.5 * 1.564 * 0.064
+    #   b: ttft = 1024 / 1000 = 1.024         -> w * 1.024 + 0.5 * 1.024 * 1.024
+    # w = 1 (interactive): a 1.614 > b 1.548: b.  w = 0.5 (flex): a 0.832 < b 1.036: a.
+    idx = PrefixIndex()
+    nodes = fleet(idx, ["a", "b"])
+    hashes = chain(7, 64)
+    idx.store(idx.slot_of("a"), hashes[:60])
+    nodes = [dataclasses.replace(nodes[0], queued_prefill_tokens=1500), nodes[1]]
+    pick = lambda w: get_policy("kvfleet").rank(  # noqa: E731
+        RouteRequest(hashes, 64 * BS, BS, 16, arrival_rate=1.0, latency_weight=w), nodes, idx)[0].node_id
+    assert pick(1.0) == "b"
+    assert pick(0.5) == "a"
