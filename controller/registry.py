@@ -236,22 +236,49 @@ class Registry:
         return await self._list("routers", RouterEntry)
 
     # -- watching ------------------------------------------------------------------------------
-    async def snapshot_and_watch(self) -> tuple[list[RegistryEvent], int, AsyncIterator[RegistryEvent]]:
-        """Current nodes, admin states and summaries, plus a watch from just after them."""
-        start = f"{self.prefix}/".encode()
-        resp = await self.client.kv.get(start, prefix_range_end(start))
-        events = [e for kv in resp.kvs if (e := self._decode(kv.key, kv.value)) is not None]
+    async def snapshot_and_watch(self, kinds: tuple[str, ...] = ("nodes", "admin", "summary")
+                                 ) -> tuple[list[RegistryEvent], int, AsyncIterator[RegistryEvent]]:
+        """Current keys of ``kinds`` (one consistent read: a transaction of range gets at
+        one revision), plus a watch of just those ranges from the revision after it. Only
+        those ranges: a router must not receive every usage record and router heartbeat
+        written under the prefix."""
+        kv = self.client.kv
+        ranges = [(self._key(k), prefix_range_end(self._key(k))) for k in kinds]
+        resp = await kv.txn([], [kv.txn_op_get(start, range_end=end) for start, end in ranges])
+        events = [e for r in resp.responses for item in r.response_range.kvs
+                  if (e := self._decode(item.key, item.value)) is not None]
         revision = resp.header.revision
-        return events, revision, self._watch(revision + 1)
+        return events, revision, self._watch(ranges, revision + 1)
 
-    async def _watch(self, start_revision: int) -> AsyncIterator[RegistryEvent]:
-        start = f"{self.prefix}/".encode()
-        async for resp in self.client.watch.watch(start, prefix_range_end(start), start_revision=start_revision):
-            for ev in resp.events:
-                value = ev.kv.value if ev.type == 0 else None  # 0 = PUT, 1 = DELETE
-                decoded = self._decode(ev.kv.key, value)
-                if decoded is not None:
-                    yield decoded
+    async def _watch(self, ranges: list[tuple[bytes, bytes]], start_revision: int) -> AsyncIterator[RegistryEvent]:
+        """The events of every range, merged (order is kept per key, which is what readers
+        need). A failed watch ends the iteration with its exception."""
+        queue: asyncio.Queue = asyncio.Queue()
+
+        async def pump(start: bytes, end: bytes) -> None:
+            try:
+                async for resp in self.client.watch.watch(start, end, start_revision=start_revision):
+                    for ev in resp.events:
+                        value = ev.kv.value if ev.type == 0 else None  # 0 = PUT, 1 = DELETE
+                        decoded = self._decode(ev.kv.key, value)
+                        if decoded is not None:
+                            queue.put_nowait(decoded)
+                queue.put_nowait(ConnectionError("registry watch ended"))
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                queue.put_nowait(exc)
+
+        tasks = [asyncio.create_task(pump(s, e), name="registry-watch") for s, e in ranges]
+        try:
+            while True:
+                item = await queue.get()
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+        finally:
+            for t in tasks:
+                t.cancel()
 
     def _decode(self, key: bytes, value: bytes | None) -> RegistryEvent | None:
         rest = key[len(self.prefix) + 1 :].decode()

@@ -119,7 +119,7 @@ class Fleet:
         assert self.registry is not None
         while True:
             try:
-                events, _, watch = await self.registry.snapshot_and_watch()
+                events, _, watch = await self.registry.snapshot_and_watch(("nodes", "admin"))
                 admin: dict[str, AdminEntry] = {}
                 seen: set[str] = set()
                 for ev in events:
