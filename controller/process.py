@@ -14,11 +14,18 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from prometheus_client import start_http_server
 from pydantic import BaseModel, Field
 
+from kvfleet.controller.accounting import Accounting
+from kvfleet.controller.batch.service import serve_batch
 from kvfleet.controller.membership import Membership
+from kvfleet.controller.prices import PriceTable
 from kvfleet.controller.registry import Registry, RouterEntry
+from kvfleet.controller.router.admission import AdmissionConfig
 from kvfleet.controller.service import ControllerService
+from kvfleet.controller.tenancy import TenantStore
+from kvfleet.controller.tenancy_service import TenantsService
 from kvfleet.v1 import controller_pb2_grpc as cpbg
 from kvfleet.v1 import inference_pb2_grpc as ipbg
+from kvfleet.v1 import tenancy_pb2_grpc as tpbg
 
 log = logging.getLogger(__name__)
 
@@ -32,6 +39,9 @@ class RouterConfig(BaseModel):
     metrics_listen: str = Field("", description="host:port for Prometheus /metrics; empty: off")
     advertise: str = Field("", description="address clients and the batch runner dial; defaults to listen")
     lease_ttl_s: int = Field(5, ge=1, description="seconds after the router stops before it leaves the registry")
+    auth: bool = Field(True, description="require an API key (authorization: Bearer) on Inference calls; off in kvfleet up's local mode")
+    admission: AdmissionConfig | None = Field(None, description="tier limits of the admission queue (--admission JSON); None: defaults")
+
 
 
 class ControllerConfig(BaseModel):
@@ -44,6 +54,8 @@ class ControllerConfig(BaseModel):
     router: RouterConfig | None = Field(None, description="run a router in this process")
     data_dir: Path = Field(Path("~/.local/share/kvfleet/controller").expanduser(),
                            description="controller state outside etcd (usage ledger, batch inputs and results)")
+    prices: PriceTable = Field(default_factory=PriceTable, description="price table per model and tier (--prices FILE; built-in defaults otherwise)")
+    auth: bool = Field(True, description="callers of the Batch API need an API key (the in-process router: router.auth); off in kvfleet up's local mode")
 
 
 def _bind(server: grpc.aio.Server, listen: str, flag: str) -> int:
@@ -68,22 +80,29 @@ async def _health_server(server: grpc.aio.Server, services: list[str]):
     return servicer
 
 
-async def _register_router(registry: Registry, cfg: RouterConfig) -> None:
+async def _register_router(registry: Registry, cfg: RouterConfig, admission=None) -> None:
     """Keeps ``P/routers/<id>`` alive while this router runs (quotas are shared among the
-    live routers; the batch runner dials them). A lost lease is re-granted."""
+    live routers; the batch runner dials them; `kvfleet nodes list` shows their queues).
+    A lost lease is re-granted; the entry is rewritten when its queue figures change."""
     entry = RouterEntry(router_id=uuid.uuid4().hex[:12], address=cfg.advertise or cfg.listen,
                         started_unix_ms=int(time.time() * 1000))
     lease = 0
+    written = None
     try:
         while True:
             try:
+                if admission is not None and hasattr(admission, "inflight"):
+                    entry.queue_depth, entry.inflight = admission.depths(), admission.inflight()
                 if not lease or not await registry.refresh_lease(lease):
                     lease = await registry.grant_lease(cfg.lease_ttl_s)
+                    written = None
+                if written != (entry.queue_depth, entry.inflight):
                     await registry.put_router(entry, lease)
+                    written = (dict(entry.queue_depth), dict(entry.inflight))
             except Exception as exc:  # etcd briefly away: retry at the next beat
                 log.warning("router registration: %s", exc)
                 lease = 0
-            await asyncio.sleep(max(cfg.lease_ttl_s / 3, 0.2))
+            await asyncio.sleep(min(max(cfg.lease_ttl_s / 3, 0.2), 1.0))
     finally:
         if lease:
             await registry.revoke_lease(lease)
@@ -101,20 +120,24 @@ async def _serve_router(cfg: RouterConfig, registry: Registry):
     fleet_task = asyncio.create_task(fleet.run(), name="fleet")
     server = grpc.aio.server()
     usage = build_usage_sink(cfg, registry)
+    auth, quotas = build_auth(cfg, registry), build_quotas(cfg, registry)
+    admission = build_admission(cfg, fleet)
     service = RouterService(
         fleet, policy=cfg.policy, first_token_timeout_s=cfg.first_token_timeout_s,
-        auth=build_auth(cfg, registry), quotas=build_quotas(cfg, registry), usage=usage,
-        admission=build_admission(cfg, fleet),
+        auth=auth, quotas=quotas, usage=usage,
+        admission=admission,
     )
     ipbg.add_InferenceServicer_to_server(service, server)
+    await auth.start()     # API keys, tenants and live routers loaded before the first request
+    await quotas.start()
     h = await _health_server(server, ["kvfleet.v1.Inference"])
     _bind(server, cfg.listen, "--router-listen")
     await server.start()
     await asyncio.wait_for(fleet.synced.wait(), timeout=30)
-    reg_task = asyncio.create_task(_register_router(registry, cfg), name="router-registration")
+    reg_task = asyncio.create_task(_register_router(registry, cfg, admission), name="router-registration")
     await h.set("", health_pb2.HealthCheckResponse.SERVING)
     await h.set("kvfleet.v1.Inference", health_pb2.HealthCheckResponse.SERVING)
-    return server, fleet, _Tasks(fleet_task, reg_task, usage)
+    return server, fleet, _Tasks(fleet_task, reg_task, usage, admission, auth, quotas)
 
 
 class _Tasks:
@@ -155,6 +178,15 @@ async def run_router(cfg: RouterConfig, stop: asyncio.Event) -> None:
         await registry.close()
 
 
+def _batch_auth(cfg: ControllerConfig) -> bool:
+    """Whether Batch API callers need an API key: the controller's own setting if it has
+    one, else its in-process router's; a controller without either requires keys."""
+    auth = getattr(cfg, "auth", None)
+    if auth is None:
+        auth = cfg.router.auth if cfg.router is not None else True
+    return bool(auth)
+
+
 async def run_controller(cfg: ControllerConfig, stop: asyncio.Event) -> None:
     registry = await Registry.connect(cfg.etcd, cfg.prefix)
     membership = Membership(registry, lease_ttl_s=cfg.lease_ttl_s)
@@ -163,7 +195,10 @@ async def run_controller(cfg: ControllerConfig, stop: asyncio.Event) -> None:
     cfg.data_dir.mkdir(parents=True, exist_ok=True)
     server = grpc.aio.server()
     cpbg.add_ControllerServicer_to_server(ControllerService(membership), server)
-    # Further controller services (tenants, usage ledger, Batch API) register here.
+    tpbg.add_TenantsServicer_to_server(TenantsService(TenantStore(registry)), server)
+    accounting = Accounting(registry, cfg.data_dir, cfg.prices)   # usage ledger: drains the routers' inbox
+    await accounting.start(server)
+    batch = await serve_batch(server, registry, cfg.data_dir, auth=_batch_auth(cfg))
     h = await _health_server(server, ["kvfleet.v1.Controller"])
     _bind(server, cfg.listen, "--listen")
     await server.start()
@@ -190,6 +225,7 @@ async def run_controller(cfg: ControllerConfig, stop: asyncio.Event) -> None:
         await stop.wait()
     finally:
         loop_task.cancel()
+        await batch.close()  # first: no new batch calls while the routers stop
         if router is not None:
             rserver, fleet, task = router
             task.cancel()
@@ -197,4 +233,5 @@ async def run_controller(cfg: ControllerConfig, stop: asyncio.Event) -> None:
             await task.close()
             await fleet.close()
         await server.stop(2.0)
+        await accounting.close()  # after the router: what it flushed on the way out is drained
         await registry.close()

@@ -217,7 +217,14 @@ class RouterService(pbg.InferenceServicer):
         admitted = False
         try:
             ticket = await self.quotas.admit(principal, p.tier, len(p.tokens), p.max_tokens)
-            avoid = await self.admission.enter(p, self.rank)   # nodes past the tier's limit
+            try:
+                avoid = await self.admission.enter(p, self.rank)   # nodes past the tier's limit
+            except BaseException:
+                # Shed by the tier queue or gone while queued: it never reached a node, so
+                # it counts against no quota (the client retries after the hint).
+                ticket.refund()
+                ticket = None
+                raise
             admitted = True
             async for msg in self._generate(p, request, context, avoid):
                 if msg.HasField("usage"):

@@ -171,7 +171,8 @@ def _routable(router: str) -> int:
     return sum(1 for c in resp.candidates if c.eligible)
 
 
-def start_fleet(data_dir: Path, nodes: int, config: SimConfig, policy: str, timeout: float = 90.0) -> LiveFleet:
+def start_fleet(data_dir: Path, nodes: int, config: SimConfig, policy: str, timeout: float = 90.0,
+                router_args: tuple[str, ...] = ()) -> LiveFleet:
     """Starts etcd, controller, router and ``nodes`` sim node agents; returns once the
     router can route to every node. Stops what it started if that fails."""
     from kvfleet.cli.up import etcd_command
@@ -191,7 +192,7 @@ def start_fleet(data_dir: Path, nodes: int, config: SimConfig, policy: str, time
         fleet.spawn("router", _ME + [
             "kvfleet.cli.main", "router", "run", "--etcd", etcd_client, "--listen", fleet.router, "--policy", policy,
             # Scaled engines are slow; a node is only "silent" well beyond its estimate.
-            "--first-token-timeout", "60",
+            "--first-token-timeout", "60", "--no-auth", *router_args,
         ])
         _wait(lambda: '"router_ready"' in fleet.log("router"), timeout, fleet, "the router")
         with grpc.insecure_channel(fleet.controller) as ch:

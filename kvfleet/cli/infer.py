@@ -52,6 +52,19 @@ def build_request(prompt: str | None, model: str, max_tokens: int, temperature: 
 
 PromptArg = typer.Argument(None, help="prompt text ('-' reads stdin)")
 ModelOpt = typer.Option("kvfleet-sim", "--model", "-m", envvar="KVFLEET_MODEL", help="model name")
+ApiKeyOpt = typer.Option("", "--api-key", envvar="KVFLEET_API_KEY", show_default=False,
+                         help="API key (kvfleet tenants keys create), sent as 'authorization: Bearer'; not needed in local mode")
+
+
+def _auth_metadata(api_key: str) -> tuple[tuple[str, str], ...] | None:
+    """The bearer metadata for ``--api-key`` (a malformed key fails here, naming the flag)."""
+    if not api_key:
+        return None
+    from kvfleet.controller.tenancy import parse_key
+
+    if parse_key(api_key.strip()) is None:
+        raise typer.BadParameter("expected kvf_<key id>_<secret> as `kvfleet tenants keys create` prints it", param_hint="--api-key")
+    return (("authorization", f"Bearer {api_key.strip()}"),)
 
 
 def _prompt(prompt: str | None) -> str | None:
@@ -66,15 +79,17 @@ def generate(
     seed: int = typer.Option(None, "--seed", help="sampling seed"),
     stop: list[str] = typer.Option([], "--stop", help="stop string (repeatable)"),
     tier: str = typer.Option("auto", "--tier", help="auto, priority, default or flex"),
-    tenant: str = typer.Option("", "--tenant", help="tenant (local mode)"),
+    tenant: str = typer.Option("", "--tenant", help="tenant (local mode; with auth the --api-key decides)"),
     request_id: str = typer.Option("", "--request-id", help="client request id"),
     system: str = typer.Option(None, "--system", help="send as chat: this system message, then the prompt as the user's"),
     token_ids: str = typer.Option(None, "--token-ids", help="send these token ids instead of text"),
     timeout: float = typer.Option(None, "--timeout", help="deadline in seconds"),
     router: str = RouterOpt,
+    api_key: str = ApiKeyOpt,
     json_out: bool = JsonOpt,
 ) -> None:
     """Stream a completion to the terminal, then show its usage."""
+    metadata = _auth_metadata(api_key)
     req = build_request(_prompt(prompt), model, max_tokens, temperature, seed, stop, tier, tenant, request_id, system, token_ids, timeout)
 
     async def go():
@@ -82,7 +97,7 @@ def generate(
         t0 = time.monotonic()
         ttft = None
         async with grpc.aio.insecure_channel(router) as ch:
-            async for msg in pbg.InferenceStub(ch).Generate(req):
+            async for msg in pbg.InferenceStub(ch).Generate(req, metadata=metadata):
                 if msg.HasField("chunk"):
                     if ttft is None:
                         ttft = time.monotonic() - t0
@@ -127,14 +142,16 @@ def route_explain(
     system: str = typer.Option(None, "--system", help="as chat: this system message, then the prompt"),
     token_ids: str = typer.Option(None, "--token-ids", help="token ids instead of text"),
     router: str = RouterOpt,
+    api_key: str = ApiKeyOpt,
     json_out: bool = JsonOpt,
 ) -> None:
     """Every candidate's predicted cached tokens, load and cost for a prompt, and the pick."""
+    metadata = _auth_metadata(api_key)
     req = build_request(_prompt(prompt), model, max_tokens, None, None, [], "auto", "", "", system, token_ids, None)
 
     async def go():
         async with grpc.aio.insecure_channel(router) as ch:
-            return await pbg.InferenceStub(ch).ExplainRoute(req, timeout=10.0)
+            return await pbg.InferenceStub(ch).ExplainRoute(req, timeout=10.0, metadata=metadata)
 
     r = run_rpc(go, router)
     d = {

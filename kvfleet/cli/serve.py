@@ -19,6 +19,8 @@ PolicyOpt = typer.Option("kvfleet", "--policy", envvar="KVFLEET_POLICY", help="r
 FirstTokenTimeoutOpt = typer.Option(5.0, "--first-token-timeout", min=0.1, envvar="KVFLEET_FIRST_TOKEN_TIMEOUT",
                                     help="seconds beyond the estimated TTFT before retrying on another node")
 MetricsOpt = typer.Option("", "--metrics-listen", envvar="KVFLEET_METRICS_LISTEN", help="host:port for Prometheus /metrics (empty: off)")
+AuthOpt = typer.Option(True, "--auth/--no-auth", envvar="KVFLEET_AUTH",
+                       help="require an API key on Inference and Batch API calls (`kvfleet tenants keys create`); --no-auth: the request names its tenant")
 
 
 def _check_policy(policy: str) -> None:
@@ -35,11 +37,41 @@ def _endpoints(value: str) -> list[str]:
     return eps
 
 
+def _admission(value: str):
+    """``--admission``: a JSON object of AdmissionConfig fields (or @FILE holding one)."""
+    if not value:
+        return None
+    from pydantic import ValidationError
+
+    from kvfleet.controller.router.admission import AdmissionConfig
+
+    try:
+        text = Path(value[1:]).read_text() if value.startswith("@") else value
+        return AdmissionConfig.model_validate_json(text)
+    except (OSError, ValidationError) as exc:
+        raise typer.BadParameter(str(exc).replace("\n", "; "), param_hint="--admission") from exc
+
+
+AdmissionOpt = typer.Option("", "--admission", envvar="KVFLEET_ADMISSION",
+                            help='tier limits of the admission queue as JSON (or @FILE), e.g. \'{"flex_max_wait_s": 60}\'')
+
+
 def _check_addr(value: str, flag: str) -> str:
     host, sep, port = value.rpartition(":")
     if not sep or not host or not port.isdigit() or not 0 <= int(port) < 65536:
         raise typer.BadParameter(f"expected host:port, got {value!r}", param_hint=flag)
     return value
+
+
+def _prices(path: Path | None):
+    from kvfleet.controller.prices import PriceTable, PricesError, load_prices
+
+    if path is None:
+        return PriceTable()
+    try:
+        return load_prices(path.expanduser())
+    except PricesError as exc:
+        raise typer.BadParameter(str(exc), param_hint="--prices") from exc
 
 
 def _logging(verbose: bool) -> None:
@@ -60,9 +92,12 @@ def controller_run(
     router_listen: str = typer.Option("127.0.0.1:50051", "--router-listen", envvar="KVFLEET_ROUTER_LISTEN", help="address the in-process router binds"),
     policy: str = PolicyOpt,
     first_token_timeout: float = FirstTokenTimeoutOpt,
+    admission: str = AdmissionOpt,
+    auth: bool = AuthOpt,
     metrics_listen: str = MetricsOpt,
     data_dir: Path = typer.Option(Path("~/.local/share/kvfleet/controller"), "--data-dir", envvar="KVFLEET_CONTROLLER_DATA",
                                   help="controller state outside etcd: usage ledger, batch inputs and results"),
+    prices: Path | None = typer.Option(None, "--prices", envvar="KVFLEET_PRICES", help="price table per model and tier, TOML or JSON (docs/accounting.md); default: built-in prices"),
     verbose: bool = typer.Option(False, "--verbose", "-v"),
 ) -> None:
     """Serve the Controller API against any etcd."""
@@ -75,8 +110,10 @@ def controller_run(
     cfg = ControllerConfig(
         etcd=eps, prefix=prefix, listen=_check_addr(listen, "--listen"), advertise=advertise,
         lease_ttl_s=lease_ttl, metrics_listen=metrics_listen, data_dir=data_dir.expanduser(),
+        prices=_prices(prices), auth=auth,
         router=RouterConfig(etcd=eps, prefix=prefix, listen=_check_addr(router_listen, "--router-listen"),
-                            policy=policy, first_token_timeout_s=first_token_timeout) if router else None,
+                            policy=policy, first_token_timeout_s=first_token_timeout,
+                            admission=_admission(admission), auth=auth) if router else None,
     )
     try:
         run_until_signal(lambda stop: run_controller(cfg, stop))
@@ -92,6 +129,8 @@ def router_run(
     advertise: str = typer.Option("", "--advertise", envvar="KVFLEET_ROUTER_ADVERTISE", help="address clients and the batch runner dial (default: --listen)"),
     policy: str = PolicyOpt,
     first_token_timeout: float = FirstTokenTimeoutOpt,
+    admission: str = AdmissionOpt,
+    auth: bool = AuthOpt,
     metrics_listen: str = MetricsOpt,
     verbose: bool = typer.Option(False, "--verbose", "-v"),
 ) -> None:
@@ -102,7 +141,8 @@ def router_run(
     _check_policy(policy)
     cfg = RouterConfig(etcd=_endpoints(etcd), prefix=prefix, listen=_check_addr(listen, "--listen"),
                        advertise=_check_addr(advertise, "--advertise") if advertise else "", policy=policy,
-                       first_token_timeout_s=first_token_timeout, metrics_listen=metrics_listen)
+                       first_token_timeout_s=first_token_timeout, metrics_listen=metrics_listen,
+                       admission=_admission(admission), auth=auth)
     try:
         run_until_signal(lambda stop: run_router(cfg, stop))
     except (OSError, ConnectionError) as exc:

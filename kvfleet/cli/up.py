@@ -182,7 +182,7 @@ def up(
         cluster.spawn("controller", me + [
             "controller", "run", "--etcd", etcd_client, "--listen", controller, "--router-listen", router,
             "--lease-ttl", str(lease_ttl), "--first-token-timeout", str(first_token_timeout), "--metrics-listen", metrics,
-            "--data-dir", str(data_dir / "controller"),
+            "--data-dir", str(data_dir / "controller"), "--no-auth",  # local mode: the request names its tenant
         ])
         _wait_health(controller, "kvfleet.v1.Controller", cluster, 60)
         _wait_health(router, "kvfleet.v1.Inference", cluster, 60)

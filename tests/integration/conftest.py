@@ -12,6 +12,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections import namedtuple
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -25,6 +26,8 @@ from kvfleet.v1 import inference_pb2 as ipb
 from kvfleet.v1 import inference_pb2_grpc as ipbg
 from kvfleet.v1 import node_pb2 as npb
 from kvfleet.v1 import node_pb2_grpc as npbg
+from kvfleet.v1 import tenancy_pb2 as tpb
+from kvfleet.v1 import tenancy_pb2_grpc as tpbg
 
 pytestmark = pytest.mark.integration
 
@@ -105,13 +108,17 @@ class Cluster:
     nodes: dict[str, Proc] = field(default_factory=dict)      # node_id -> process
     node_addr: dict[str, str] = field(default_factory=dict)   # node_id -> address
     extra: list[Proc] = field(default_factory=list)
+    api_key: str = ""   # start_cluster(auth=True): inf() sends it as the bearer token
 
     # -- clients -----------------------------------------------------------------------
     def ctl(self) -> cpbg.ControllerStub:
         return cpbg.ControllerStub(grpc.insecure_channel(self.controller))
 
     def inf(self) -> ipbg.InferenceStub:
-        return ipbg.InferenceStub(grpc.insecure_channel(self.router))
+        ch = grpc.insecure_channel(self.router)
+        if self.api_key:
+            ch = grpc.intercept_channel(ch, BearerKey(self.api_key))
+        return ipbg.InferenceStub(ch)
 
     def node_stub(self, node_id: str) -> npbg.NodeAgentStub:
         return npbg.NodeAgentStub(grpc.insecure_channel(self.node_addr[node_id]))
@@ -191,14 +198,38 @@ class Cluster:
         self.etcd.proc.stop()
 
 
+class _CallDetails(namedtuple("_CallDetails", "method timeout metadata credentials wait_for_ready compression"),
+                   grpc.ClientCallDetails):
+    pass
+
+
+class BearerKey(grpc.UnaryUnaryClientInterceptor, grpc.UnaryStreamClientInterceptor):
+    """Adds ``authorization: Bearer <key>`` to every call on a channel."""
+
+    def __init__(self, key: str) -> None:
+        self.md = (("authorization", f"Bearer {key}"),)
+
+    def _with_key(self, d):
+        return _CallDetails(d.method, d.timeout, tuple(d.metadata or ()) + self.md, d.credentials,
+                            d.wait_for_ready, d.compression)
+
+    def intercept_unary_unary(self, continuation, details, request):
+        return continuation(self._with_key(details), request)
+
+    def intercept_unary_stream(self, continuation, details, request):
+        return continuation(self._with_key(details), request)
+
+
 def start_cluster(tmp: Path, n_nodes: int, node_args: tuple[str, ...] = (),
-                  first_token_timeout: float = FIRST_TOKEN_TIMEOUT) -> Cluster:
+                  first_token_timeout: float = FIRST_TOKEN_TIMEOUT, auth: bool = False) -> Cluster:
+    """etcd, a controller with its router, and ``n_nodes`` sim nodes. ``auth``: the router
+    requires API keys; the cluster then holds one (tenant ``test``) for its own calls."""
     etcd = start_etcd(tmp)
     controller, router = f"127.0.0.1:{free_port()}", f"127.0.0.1:{free_port()}"
     cproc = spawn("controller", KVFLEET + [
         "controller", "run", "--etcd", etcd.endpoint, "--listen", controller, "--router-listen", router,
         "--lease-ttl", str(LEASE_TTL), "--first-token-timeout", str(first_token_timeout),
-        "--data-dir", str(tmp / "controller-data"),
+        "--data-dir", str(tmp / "controller-data"), *(() if auth else ("--no-auth",)),
     ], tmp)
     c = Cluster(tmp, etcd, controller, router, cproc)
     try:
@@ -209,6 +240,10 @@ def start_cluster(tmp: Path, n_nodes: int, node_args: tuple[str, ...] = (),
 
         wait_for(controller_ready, 60, what="controller")
         c.token = c.create_token()
+        if auth:
+            tenants = tpbg.TenantsStub(grpc.insecure_channel(controller))
+            tenants.CreateTenant(tpb.CreateTenantRequest(name="test"), timeout=10)
+            c.api_key = tenants.CreateKey(tpb.CreateKeyRequest(tenant="test"), timeout=10).key
         for i in range(n_nodes):
             c.start_node(f"node{i}", *node_args)
     except BaseException:
