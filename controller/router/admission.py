@@ -8,8 +8,10 @@ the tiers above them:
 * **priority** is never held: it goes to a node at once, and the engine schedules it
   ahead of queued work (vLLM's priority scheduling; the sim engine does the same).
 * **default**, **flex** and **batch** go to a node only while some node could start
-  their prefill within ``steps[tier]`` engine steps of queued work (default 4, flex 2,
-  batch 1: the lower the tier, the emptier the fleet must be). They are routed among
+  their prefill within ``steps[tier]`` engine steps of queued work (default 0.5, flex
+  0.25, batch 0.125: the lower the tier, the emptier the fleet must be). An engine runs
+  the prefill it has admitted before a priority request that comes later, so this is
+  what a priority request may find ahead of it. They are routed among
   those nodes only (the policy ranks the rest out), so a busy node holding the prefix is
   traded for an idle one once it is past the tier's limit.
 * They also leave part of each node's sequence slots (``max_num_seqs``, where the node
@@ -18,15 +20,20 @@ the tiers above them:
   priority policy preempts only when KV blocks run out), so a priority request that
   found every slot taken would wait for a running sequence to finish.
 * Otherwise the request waits in the router's queue. The queue is ordered by ``arrival +
-  aging[tier]`` (0 s for default, 10 s for flex, 60 s for batch by default): a flex
-  request that has waited 10 s ranks with a default one that just arrived, so lower
-  tiers move up while they wait and cannot starve while there is capacity.
+  aging[tier]`` (0 s for default, 60 s for flex, 300 s for batch by default): a flex
+  request that has waited 60 s ranks with a default one that just arrived, so lower
+  tiers move up while they wait and cannot starve while there is capacity. Flex's
+  default wait (30 s) is shorter than its aging, so under sustained overload flex is
+  shed before it takes capacity from default; one that asks to wait longer ages in.
   (Defaults: default waits at most 5 s, flex 30 s, batch 120 s, then the client, or
   the batch runner, retries; ``retry-after-ms`` is the queue ahead over the recent
   admission rate.)
-* A request waits at most its deadline: the request's own, else ``max_wait[tier]``.
+* A request waits at most ``max_wait[tier]``, or the request's own ``max_queue_ms``
+  (flex may ask for more, the others only for less), and never past its deadline.
   Past it, or at once when the queue ahead of it would take longer than that to drain
-  (its position over the rate the router has recently admitted requests at), it is shed
+  (its position over the rate the router has recently admitted requests at; only once
+  requests have waited continuously for 5 s, when that rate is the fleet's pace and not
+  the trickle before a burst), it is shed
   with RESOURCE_EXHAUSTED and a ``retry-after-ms`` trailer. Lower tiers sit behind higher
   ones, so they are shed first.
 
@@ -71,14 +78,14 @@ STEP_S = 0.05
 class AdmissionConfig(BaseModel):
     """Tier limits of the admission queue (see the module docstring)."""
 
-    default_steps: float = Field(4.0, gt=0, description="default tier: most engine steps of queued prefill on a node it is sent to")
-    flex_steps: float = Field(2.0, gt=0, description="flex tier: most engine steps of queued prefill on a node it is sent to")
-    batch_steps: float = Field(1.0, gt=0, description="batch tier: most engine steps of queued prefill on a node it is sent to")
+    default_steps: float = Field(0.5, gt=0, description="default tier: most engine steps of queued prefill on a node it is sent to")
+    flex_steps: float = Field(0.25, gt=0, description="flex tier: most engine steps of queued prefill on a node it is sent to")
+    batch_steps: float = Field(0.125, gt=0, description="batch tier: most engine steps of queued prefill on a node it is sent to")
     default_headroom: float = Field(0.125, ge=0, lt=1, description="default tier: fraction of a node's sequence slots (max_num_seqs) left free for priority")
     flex_headroom: float = Field(0.25, ge=0, lt=1, description="flex tier: fraction of a node's sequence slots left free for the tiers above")
     batch_headroom: float = Field(0.5, ge=0, lt=1, description="batch tier: fraction of a node's sequence slots left free for interactive tiers")
-    flex_aging_s: float = Field(10.0, ge=0, description="seconds a flex request waits to rank with a new default one")
-    batch_aging_s: float = Field(60.0, ge=0, description="seconds a batch request waits to rank with a new default one")
+    flex_aging_s: float = Field(60.0, ge=0, description="seconds a flex request waits to rank with a new default one")
+    batch_aging_s: float = Field(300.0, ge=0, description="seconds a batch request waits to rank with a new default one")
     default_max_wait_s: float = Field(5.0, gt=0, description="longest a default request waits in the router's queue")
     flex_max_wait_s: float = Field(30.0, gt=0, description="longest a flex request waits when it names no deadline")
     batch_max_wait_s: float = Field(120.0, gt=0, description="longest a batch item waits before it is handed back to the runner")
@@ -175,6 +182,7 @@ class TierQueue:
         self._depth = dict.fromkeys(TIER_NAMES, 0)          # waiting, by tier
         self._inflight = dict.fromkeys(TIER_NAMES, 0)       # admitted and not ended, by tier
         self._admitted = Rate()                               # admissions/s (direct and from the queue)
+        self._saturated_since = math.inf                      # since when something has waited, continuously
         self._wake = asyncio.Event()
         self._task: asyncio.Task | None = None
         self.shed = dict.fromkeys(TIER_NAMES, 0)             # requests shed, by tier (counters)
@@ -189,19 +197,28 @@ class TierQueue:
             exclude = self._check(p.model, tier, now)
             if exclude is not None:
                 return self._admit(tier, now, exclude)
-        deadline = now + self.config.max_wait(tier)
+        wait = self.config.max_wait(tier)
+        asked = getattr(p, "max_queue_s", 0.0)
+        if asked > 0:   # the request's own limit: flex may wait longer than the default, others only less
+            wait = asked if tier == cpb.TIER_FLEX else min(wait, asked)
+        deadline = now + wait
         if p.deadline is not None:
-            deadline = min(deadline, p.deadline) if tier != cpb.TIER_FLEX else p.deadline
+            deadline = min(deadline, p.deadline)
         w = _Waiter(now + self.config.aging(tier), next(self._seq), tier, p.model, deadline,
                     asyncio.get_running_loop().create_future())
         ahead = sum(1 for x in self._heap if x < w and not x.gone)
+        # Only a router that has been saturated for a while admits at the fleet's pace; a
+        # burst after a quiet spell would otherwise look hopeless and be shed at once.
+        saturated = now - self._saturated_since >= self._admitted.tau_s
         rate = self._admitted.at(now)
-        if rate > 0 and now + ahead / rate > deadline:
+        if saturated and rate > 0 and now + ahead / rate > deadline:
             self._count_shed(tier, "backlog")
             raise self._exhausted(tier, self._retry_after(tier, now), f"{ahead} requests are queued ahead of it")
         if sum(self._depth.values()) >= self.config.max_queue:
             self._evict_for(w)
         heapq.heappush(self._heap, w)
+        if not any(self._depth.values()):
+            self._saturated_since = now
         self._depth[tier] += 1
         self._gauges(tier)
         self._ensure_dispatcher()
@@ -302,6 +319,8 @@ class TierQueue:
             return False
         w.gone = True
         self._depth[w.tier] -= 1
+        if not any(self._depth.values()):
+            self._saturated_since = math.inf
         self._gauges(w.tier)
         self._gone += 1
         if self._gone > 64 and self._gone > len(self._heap) // 2:

@@ -70,6 +70,7 @@ class Prepared:
     arrival_rate: float = 0.0    # requests/s this router receives for the model, this one included
     tenant: str = "default"
     batch_item: str = ""         # "<job id>/<custom_id>" when the Batch API runner sent it
+    max_queue_s: float = 0.0     # the request's limit on its wait in the admission queue (0: the tier's)
 
 
 @dataclass(frozen=True, slots=True)
@@ -170,7 +171,7 @@ class RouterService(pbg.InferenceServicer):
             request_id=request.request_id or uuid.uuid4().hex, model=request.model, tokens=tokens, tokenizer=tok,
             max_tokens=max_tokens, tier=request.tier or cpb.TIER_DEFAULT, deadline=deadline, tokenize_us=tokenize_us,
             arrival_rate=rates.arrive(now) if arrival else rates.peek(now),
-            tenant=principal.tenant,
+            tenant=principal.tenant, max_queue_s=request.max_queue_ms / 1000.0,
             batch_item=dict(context.invocation_metadata() or ()).get("x-kvfleet-batch-item", "") if principal.internal else "",
         )
 

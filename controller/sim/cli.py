@@ -130,3 +130,42 @@ def _routing_live(trace, fmt, workload, requests, nodes, preset, load, policies,
     print_live_report(report, Console(width=max(Console().width, 170)))
     if json_out is not None:
         json_out.write_text(json.dumps(report, indent=1, default=float))
+
+
+@bench_app.command("tiers")
+def tiers(
+    workload: str = typer.Option("chat", "--workload", help="Generated workload: chat or shared-prefix."),
+    requests: int = typer.Option(600, "--requests", min=20, help="Requests offered in the overload phase."),
+    nodes: int = typer.Option(4, "--nodes", min=1, max=64, help="Sim node agents (real processes)."),
+    preset: str = typer.Option("h100-llama3-8b", "--preset", help="Calibrated sim engine preset."),
+    overload: float = typer.Option(2.0, "--overload", min=0.1, help="Offered rate as a multiple of the fleet's capacity."),
+    mix: str = typer.Option("0.1,0.6,0.3", "--mix", help="Fractions of priority, default and flex requests."),
+    time_scale: float = typer.Option(5.0, "--time-scale", min=1.0, help="Engines run this many times slower than the preset."),
+    max_num_seqs: int = typer.Option(32, "--max-num-seqs", min=1, help="Running-batch bound of each sim engine (vLLM's --max-num-seqs)."),
+    idle_samples: int = typer.Option(30, "--idle-samples", min=1, help="Requests per tier measured on the idle fleet."),
+    max_retries: int = typer.Option(20, "--max-retries", min=0, help="Retries of a shed request before the client gives up."),
+    flex_queue: float = typer.Option(10.0, "--flex-queue", min=0.1, help="Seconds a flex request asks to wait at most in the router's queue (max_queue_ms)."),
+    seed: int = typer.Option(0, "--seed"),
+    json_out: Optional[Path] = typer.Option(None, "--json", help="Write the report as JSON here."),
+) -> None:
+    """Service tiers at twice the fleet's capacity (live processes, sim engines): each tier's
+    p99 TTFT idle and under overload, and how many requests completed, were shed and failed."""
+    from kvfleet.controller.sim.presets import PRESETS
+    from kvfleet.controller.sim.tiers import print_tiers_report, run_tiers
+
+    if preset not in PRESETS:
+        raise typer.BadParameter(f"unknown preset {preset!r}; known: {', '.join(sorted(PRESETS))}", param_hint="--preset")
+    if workload not in ("chat", "shared-prefix"):
+        raise typer.BadParameter(f"unknown workload {workload!r}; choose chat or shared-prefix", param_hint="--workload")
+    try:
+        fractions = tuple(float(x) for x in mix.split(","))
+    except ValueError:
+        fractions = ()
+    if len(fractions) != 3 or any(f < 0 for f in fractions) or not math.isclose(sum(fractions), 1.0, abs_tol=1e-6):
+        raise typer.BadParameter(f"expected three fractions summing to 1 (priority,default,flex), got {mix!r}", param_hint="--mix")
+    report = run_tiers(workload=workload, requests=requests, nodes=nodes, preset=preset, overload=overload,
+                       mix=fractions, time_scale=time_scale, idle_samples=idle_samples, max_retries=max_retries, seed=seed,
+                       max_num_seqs=max_num_seqs, flex_queue_s=flex_queue)
+    print_tiers_report(report, Console())
+    if json_out:
+        json_out.write_text(json.dumps(report, indent=2) + "\n")

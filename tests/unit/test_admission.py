@@ -60,6 +60,7 @@ class Req:
     tier: int
     model: str = MODEL
     deadline: float | None = None
+    max_queue_s: float = 0.0
 
 
 class Clock:
@@ -84,7 +85,7 @@ def test_priority_is_never_held_even_on_a_saturated_fleet():
 
 def test_default_goes_to_nodes_within_its_limit_and_avoids_the_rest():
     async def main():
-        q = TierQueue(FakeFleet([view("a", 10_000), view("b", 1000)]), clock=Clock())
+        q = TierQueue(FakeFleet([view("a", 10_000), view("b", 1000)]), AdmissionConfig(default_steps=4), clock=Clock())
         assert await q.enter(Req(cpb.TIER_DEFAULT)) == frozenset({"a"})
     run(main())
 
@@ -92,7 +93,7 @@ def test_default_goes_to_nodes_within_its_limit_and_avoids_the_rest():
 def test_flex_waits_where_default_still_goes():
     async def main():
         fleet = FakeFleet([view("a", 3000)])   # 3 steps: default's limit is 4, flex's 2
-        q = TierQueue(fleet, clock=Clock(), poll_s=0.001)
+        q = TierQueue(fleet, AdmissionConfig(default_steps=4, flex_steps=2), clock=Clock(), poll_s=0.001)
         assert await q.enter(Req(cpb.TIER_DEFAULT)) == frozenset()
         flex = asyncio.create_task(q.enter(Req(cpb.TIER_FLEX)))
         await asyncio.sleep(0.01)
@@ -151,15 +152,23 @@ def test_a_request_that_cannot_drain_before_its_deadline_is_shed_at_once():
     async def main():
         clock = Clock()
         fleet = FakeFleet([view("a", 0)])
-        q = TierQueue(fleet, AdmissionConfig(default_max_wait_s=1.0), clock=clock, poll_s=0.001)
+        q = TierQueue(fleet, clock=clock, poll_s=0.001)
         for _ in range(5):                  # the router admits about 1 request/s
             await q.enter(Req(cpb.TIER_DEFAULT))
             clock.now += 1.0
         fleet.set_queued([50_000])
-        waiting = [asyncio.create_task(q.enter(Req(cpb.TIER_DEFAULT))) for _ in range(3)]
+        q.config = AdmissionConfig(default_max_wait_s=60.0)
+        waiting = [asyncio.create_task(q.enter(Req(cpb.TIER_DEFAULT, max_queue_s=30.0))) for _ in range(3)]
         await asyncio.sleep(0.005)
-        with pytest.raises(RequestError) as err:   # 3 ahead at ~1/s: more than its 1 s wait
-            await q.enter(Req(cpb.TIER_DEFAULT))
+        # Just saturated: the rate is the trickle before the burst, so nobody is shed yet.
+        late = asyncio.create_task(q.enter(Req(cpb.TIER_DEFAULT, max_queue_s=1.0)))
+        await asyncio.sleep(0.005)
+        assert not late.done()
+        late.cancel()
+        await asyncio.gather(late, return_exceptions=True)
+        clock.now += 5.0   # saturated for the rate's time constant: it is now the fleet's pace
+        with pytest.raises(RequestError) as err:   # 3 ahead at well under 1/s: more than its 1 s wait
+            await q.enter(Req(cpb.TIER_DEFAULT, max_queue_s=1.0))
         assert err.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED and "queued ahead" in str(err.value)
         for t in waiting:
             t.cancel()
@@ -210,3 +219,19 @@ def test_lower_tiers_leave_sequence_slots_free_for_the_tiers_above():
     assert admissible(t, float("inf"), float("-inf"), 0.5).tolist() == [False, False, True, True]
     t = NodeTable.from_views([v("a", 12, 2)])   # waiting requests hold slots too
     assert admissible(t, float("inf"), float("-inf"), 0.125).tolist() == [False]
+
+
+def test_a_flex_request_may_ask_for_a_longer_wait_and_default_only_for_a_shorter_one():
+    async def main():
+        fleet = FakeFleet([view("a", 50_000)])
+        q = TierQueue(fleet, AdmissionConfig(flex_max_wait_s=0.01, default_max_wait_s=10.0), poll_s=0.001)
+        flex = asyncio.create_task(q.enter(Req(cpb.TIER_FLEX, max_queue_s=5.0)))
+        await asyncio.sleep(0.05)          # past the router's 10 ms flex default: still waiting
+        assert not flex.done()
+        fleet.set_queued([0])
+        assert await asyncio.wait_for(flex, 1.0) == frozenset()
+        fleet.set_queued([50_000])
+        with pytest.raises(RequestError):  # default asked for 20 ms of its 10 s
+            await asyncio.wait_for(q.enter(Req(cpb.TIER_DEFAULT, max_queue_s=0.02)), 1.0)
+        await q.close()
+    run(main())
