@@ -101,6 +101,14 @@ class NodeAgent:
 
     # -- lifecycle ---------------------------------------------------------------------------------
     async def start(self) -> None:
+        # Bind --listen before any engine starts: a managed engine picks free ports for its
+        # own servers, and must not be handed the one this agent was told to listen on.
+        self.server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
+        port = self.server.add_insecure_port(self.cfg.listen)
+        if port == 0:
+            raise OSError(f"--listen {self.cfg.listen}: cannot bind")
+        host = self.cfg.listen.rsplit(":", 1)[0]
+        self.address = self.cfg.advertise or f"{host}:{port}"
         for engine in self._engine_list:
             # The sink is set before start so that no event is missed. Until start()
             # returns (and tells us the model's name and block size) events are held.
@@ -121,14 +129,8 @@ class NodeAgent:
             for seq, batch in held:
                 self.publisher.on_kv_events(engine.info.name, seq, batch)
         self.service = NodeAgentService(lambda: self.node_id, self.engines, self.publisher)
-        self.server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
         npbg.add_NodeAgentServicer_to_server(self.service, self.server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
-        port = self.server.add_insecure_port(self.cfg.listen)
-        if port == 0:
-            raise OSError(f"--listen {self.cfg.listen}: cannot bind")
-        host = self.cfg.listen.rsplit(":", 1)[0]
-        self.address = self.cfg.advertise or f"{host}:{port}"
         await self.server.start()
         await self.health.set("", health_pb2.HealthCheckResponse.SERVING)
         self._tasks.append(asyncio.create_task(self.publisher.run(), name="publisher"))
