@@ -164,9 +164,11 @@ class TierQueue:
 
     ``enter`` returns the node ids the request must not be sent to (those past its
     tier's limit) or raises RESOURCE_EXHAUSTED; ``leave`` is called once it ends.
-    One dispatcher task serves the queue in key order: it re-checks the head whenever a
-    request ends or enters, and every ``poll_s`` while anything waits (node state
-    arrives once per engine step). O(log n) per enter/leave; a check is a few NumPy
+    One heap per model; one dispatcher task serves them in key order: it re-checks the
+    heads whenever a request ends or enters, and every ``poll_s`` while anything waits
+    (node state arrives once per engine step), and after each release waits until the
+    router has counted that request on its node (``sent``). ``enter`` is O(n) in the
+    model's queue (it counts the requests ahead, for shedding); a check is a few NumPy
     passes over the model's node table.
     """
 
@@ -176,8 +178,11 @@ class TierQueue:
         self.config = config or AdmissionConfig()
         self.clock = clock
         self.poll_s = poll_s
-        self._heap: list[_Waiter] = []               # lazily cleaned: ``gone`` entries stay until popped
-        self._gone = 0
+        # One heap per model (a model's requests only compete for that model's nodes), each
+        # lazily cleaned: ``gone`` entries stay until popped or compacted.
+        self._heaps: dict[str, list[_Waiter]] = {}
+        self._gone: dict[str, int] = {}
+        self._sent = asyncio.Event()          # the request released last has reached a node
         self._seq = itertools.count()
         self._depth = dict.fromkeys(TIER_NAMES, 0)          # waiting, by tier
         self._inflight = dict.fromkeys(TIER_NAMES, 0)       # admitted and not ended, by tier
@@ -193,7 +198,8 @@ class TierQueue:
         now = self.clock()
         if tier == cpb.TIER_PRIORITY:
             return self._admit(tier, now, frozenset())
-        if not self._heap:
+        heap = self._heaps.setdefault(p.model, [])
+        if not self._live(p.model):
             exclude = self._check(p.model, tier, now)
             if exclude is not None:
                 return self._admit(tier, now, exclude)
@@ -202,21 +208,22 @@ class TierQueue:
         if asked > 0:   # the request's own limit: flex may wait longer than the default, others only less
             wait = asked if tier == cpb.TIER_FLEX else min(wait, asked)
         deadline = now + wait
-        if p.deadline is not None:
-            deadline = min(deadline, p.deadline)
+        own_deadline = p.deadline is not None and p.deadline <= deadline
+        if own_deadline:
+            deadline = p.deadline
         w = _Waiter(now + self.config.aging(tier), next(self._seq), tier, p.model, deadline,
                     asyncio.get_running_loop().create_future())
-        ahead = sum(1 for x in self._heap if x < w and not x.gone)
+        ahead = sum(1 for x in heap if x < w and not x.gone)
         # Only a router that has been saturated for a while admits at the fleet's pace; a
         # burst after a quiet spell would otherwise look hopeless and be shed at once.
         saturated = now - self._saturated_since >= self._admitted.tau_s
         rate = self._admitted.at(now)
         if saturated and rate > 0 and now + ahead / rate > deadline:
             self._count_shed(tier, "backlog")
-            raise self._exhausted(tier, self._retry_after(tier, now), f"{ahead} requests are queued ahead of it")
+            raise self._exhausted(tier, self._retry_after(tier, now, p.model), f"{ahead} requests are queued ahead of it")
         if sum(self._depth.values()) >= self.config.max_queue:
             self._evict_for(w)
-        heapq.heappush(self._heap, w)
+        heapq.heappush(heap, w)
         if not any(self._depth.values()):
             self._saturated_since = now
         self._depth[tier] += 1
@@ -228,13 +235,17 @@ class TierQueue:
         except asyncio.TimeoutError:
             if not w.future.done():
                 self._drop(w)
-                self._count_shed(tier)
                 later = self.clock()
-                raise self._exhausted(tier, self._retry_after(tier, later),
+                if own_deadline:   # the request's own deadline: a retry cannot help
+                    raise RequestError(grpc.StatusCode.DEADLINE_EXCEEDED,
+                                       f"deadline exceeded after {later - now:.1f} s in the router's queue") from None
+                self._count_shed(tier)
+                raise self._exhausted(tier, self._retry_after(tier, later, p.model),
                                       f"it waited {later - now:.1f} s in the router's queue") from None
             exclude = w.future.result()
         except asyncio.CancelledError:
-            if w.future.done() and not w.future.cancelled() and w.future.exception() is None:
+            if (w.future.done() and not w.future.cancelled() and w.future.exception() is None
+                    and isinstance(w.future.result(), frozenset)):
                 self.leave(p)   # admitted at the instant the client went away
             else:
                 self._drop(w)
@@ -242,6 +253,11 @@ class TierQueue:
         if isinstance(exclude, RequestError):
             raise exclude
         return exclude
+
+    def sent(self, p) -> None:  # noqa: ARG002
+        """The router has counted ``p`` in its node's pending work: the dispatcher may
+        check the next request against that node's new state."""
+        self._sent.set()
 
     def leave(self, p) -> None:
         tier = p.tier if p.tier in TIER_NAMES else cpb.TIER_DEFAULT
@@ -285,11 +301,15 @@ class TierQueue:
         self._admitted.tick(now)
         return exclude
 
-    def _retry_after(self, tier: int, now: float) -> float:
+    def _live(self, model: str) -> int:
+        heap = self._heaps.get(model)
+        return len(heap) - self._gone.get(model, 0) if heap else 0
+
+    def _retry_after(self, tier: int, now: float, model: str) -> float:
         """When a request of ``tier`` arriving now could expect a node: the queue ahead of
-        it over the recent admission rate; at most the tier's wait."""
+        it (same model) over the recent admission rate; at most the tier's wait."""
         key = now + self.config.aging(tier)
-        ahead = sum(1 for x in self._heap if not x.gone and x.key <= key)
+        ahead = sum(1 for x in self._heaps.get(model, ()) if not x.gone and x.key <= key)
         rate = self._admitted.at(now)
         est = ahead / rate if rate > 0 else self.config.max_wait(tier) / 2
         return min(est, self.config.max_wait(tier))
@@ -322,21 +342,23 @@ class TierQueue:
         if not any(self._depth.values()):
             self._saturated_since = math.inf
         self._gauges(w.tier)
-        self._gone += 1
-        if self._gone > 64 and self._gone > len(self._heap) // 2:
-            self._heap = [x for x in self._heap if not x.gone]
-            heapq.heapify(self._heap)
-            self._gone = 0
+        heap = self._heaps[w.model]
+        gone = self._gone[w.model] = self._gone.get(w.model, 0) + 1
+        if gone > 64 and gone > len(heap) // 2:
+            heap[:] = [x for x in heap if not x.gone]
+            heapq.heapify(heap)
+            self._gone[w.model] = 0
         return True
 
     def _evict_for(self, newcomer: _Waiter) -> None:
         """Queue full: shed the newest of the lowest tier waiting (maybe the newcomer)."""
-        live = [x for x in self._heap if not x.gone]
+        live = [x for heap in self._heaps.values() for x in heap if not x.gone]
         victim = max(live + [newcomer], key=lambda x: (x.tier == cpb.TIER_BATCH, x.tier == cpb.TIER_FLEX, x.key))
         if victim is newcomer:
             self._count_shed(newcomer.tier, "full")
-            raise self._exhausted(newcomer.tier, self._retry_after(newcomer.tier, self.clock()), "the router's queue is full")
-        self._drop(victim, self._exhausted(victim.tier, self._retry_after(victim.tier, self.clock()),
+            raise self._exhausted(newcomer.tier, self._retry_after(newcomer.tier, self.clock(), newcomer.model),
+                                  "the router's queue is full")
+        self._drop(victim, self._exhausted(victim.tier, self._retry_after(victim.tier, self.clock(), victim.model),
                                            "the router's queue is full"))
         self._count_shed(victim.tier, "full")
 
@@ -346,19 +368,26 @@ class TierQueue:
 
     async def _dispatch(self) -> None:
         while True:
-            while self._heap and self._heap[0].gone:
-                heapq.heappop(self._heap)
-                self._gone = max(self._gone - 1, 0)
-            if not self._heap:
+            for model in list(self._heaps):
+                heap = self._heaps[model]
+                while heap and heap[0].gone:
+                    heapq.heappop(heap)
+                    self._gone[model] = max(self._gone.get(model, 0) - 1, 0)
+                if not heap:
+                    del self._heaps[model]
+                    self._gone.pop(model, None)
+            if not self._heaps:
                 self._wake.clear()
                 await self._wake.wait()
                 continue
-            released = self._release_one()
-            if released:
-                # Let the released request reach its node (and the router's pending count)
-                # before the next check reads the table.
-                await asyncio.sleep(0)
-                await asyncio.sleep(0)
+            self._sent.clear()
+            if self._release_one():
+                # Let the released request reach its node and the router's pending count
+                # before the next check reads that node's row (bounded: it may fail first).
+                try:
+                    await asyncio.wait_for(self._sent.wait(), timeout=0.05)
+                except asyncio.TimeoutError:
+                    pass
                 continue
             self._wake.clear()
             try:
@@ -367,19 +396,22 @@ class TierQueue:
                 pass
 
     def _release_one(self) -> bool:
-        """Admits the first of the few best-ranked waiters a node can take now."""
+        """Admits, model by model (oldest head first), the first of each model's few
+        best-ranked waiters that a node can take now."""
         now = self.clock()
-        for w in heapq.nsmallest(8, (x for x in self._heap if not x.gone)):
-            exclude = self._check(w.model, w.tier, now)
-            if exclude is None:
-                continue
-            if w.future.done():          # the caller went away at the same instant
-                self._drop(w)
+        heads = sorted((heap[0].key, model) for model, heap in self._heaps.items() if heap)
+        for _, model in heads:
+            for w in heapq.nsmallest(8, (x for x in self._heaps[model] if not x.gone)):
+                exclude = self._check(w.model, w.tier, now)
+                if exclude is None:
+                    continue
+                if w.future.done():          # the caller went away at the same instant
+                    self._drop(w)
+                    return True
+                self._remove(w)               # out of the queue...
+                self._admit(w.tier, now, exclude)
+                w.future.set_result(exclude)  # ...and on its way
                 return True
-            self._remove(w)               # out of the queue...
-            self._admit(w.tier, now, exclude)
-            w.future.set_result(exclude)  # ...and on its way
-            return True
         return False
 
 
@@ -388,6 +420,11 @@ class OpenAdmission:
 
     async def enter(self, p, rank=None) -> frozenset[str]:  # noqa: ARG002
         return frozenset()
+
+    def sent(self, p) -> None:  # noqa: ARG002
+        """The router has counted ``p`` in its node's pending work: the dispatcher may
+        check the next request against that node's new state."""
+        self._sent.set()
 
     def leave(self, p) -> None:  # noqa: ARG002
         return None

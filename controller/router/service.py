@@ -295,6 +295,7 @@ class RouterService(pbg.InferenceServicer):
                 sampling=request.sampling, tier=p.tier,
             )
             self.fleet.add_pending(cand.node_id, node_req.request_id, cand.uncached_tokens)
+            self.admission.sent(p)   # the tier queue may now check the next request against this node
             call = conn.stub.Generate(node_req, timeout=remaining)
             first_timeout = self.first_token_timeout_s + cand.cost_s
             if remaining is not None:
@@ -377,7 +378,10 @@ class RouterService(pbg.InferenceServicer):
                 ) from exc
 
     def _usage(self, p: Prepared, cand: Candidate, completion: int, final, reason: str, attempts: int):
-        cached = final.cached_prompt_tokens if final is not None else 0
+        # Ended by a stop string the router matched: the node's stream was cancelled before
+        # its final message, so the engine's count never came; bill the router's prediction
+        # (exact where the node publishes KV events: the vLLM suite checks it to the token).
+        cached = final.cached_prompt_tokens if final is not None else cand.cached_tokens
         node = cand.node_id
         PROMPT_TOKENS.labels(p.model, node).inc(len(p.tokens))
         PREDICTED_CACHED.labels(p.model, node).inc(cand.cached_tokens)

@@ -44,12 +44,12 @@ def test_admissible_keeps_routable_nodes_within_the_tier_limit():
 
 
 class FakeFleet:
-    def __init__(self, views: list[NodeView]) -> None:
+    def __init__(self, views: list[NodeView], others: dict[str, list[NodeView]] | None = None) -> None:
         self.table = NodeTable.from_views(views)
+        self.others = {m: NodeTable.from_views(v) for m, v in (others or {}).items()}
 
     def columns(self, model: str) -> NodeTable:
-        assert model == MODEL
-        return self.table
+        return self.table if model == MODEL else self.others[model]
 
     def set_queued(self, queued: list[int]) -> None:
         self.table = NodeTable.from_views([view(nid, q) for nid, q in zip(self.table.node_ids, queued)])
@@ -233,5 +233,34 @@ def test_a_flex_request_may_ask_for_a_longer_wait_and_default_only_for_a_shorter
         fleet.set_queued([50_000])
         with pytest.raises(RequestError):  # default asked for 20 ms of its 10 s
             await asyncio.wait_for(q.enter(Req(cpb.TIER_DEFAULT, max_queue_s=0.02)), 1.0)
+        await q.close()
+    run(main())
+
+
+def test_a_model_with_room_is_not_held_behind_another_models_queue():
+    async def main():
+        fleet = FakeFleet([view("a", 50_000)], others={"other": [view("b", 0)]})
+        q = TierQueue(fleet, AdmissionConfig(default_max_wait_s=5.0), poll_s=0.001)
+        held = [asyncio.create_task(q.enter(Req(cpb.TIER_DEFAULT))) for _ in range(10)]
+        await asyncio.sleep(0.01)
+        assert q.depths()["default"] == 10
+        # The other model's node is idle: its requests go at once, flex included.
+        assert await asyncio.wait_for(q.enter(Req(cpb.TIER_DEFAULT, model="other")), 0.5) == frozenset()
+        assert await asyncio.wait_for(q.enter(Req(cpb.TIER_FLEX, model="other")), 0.5) == frozenset()
+        for t in held:
+            t.cancel()
+        await asyncio.gather(*held, return_exceptions=True)
+        await q.close()
+    run(main())
+
+
+def test_a_request_whose_own_deadline_passes_in_the_queue_gets_deadline_exceeded_without_a_retry_hint():
+    async def main():
+        import time as _time
+        q = TierQueue(FakeFleet([view("a", 50_000)]), poll_s=0.001)
+        with pytest.raises(RequestError) as err:
+            await q.enter(Req(cpb.TIER_DEFAULT, deadline=_time.monotonic() + 0.05))
+        assert err.value.code == grpc.StatusCode.DEADLINE_EXCEEDED and not err.value.trailers
+        assert q.shed[cpb.TIER_DEFAULT] == 0 and q.depths()["default"] == 0
         await q.close()
     run(main())
