@@ -172,8 +172,8 @@ def _body(body: dict, url: str, served: set[str]) -> tuple[dict, str]:
     max_tokens = body.get("max_tokens", body.get("max_completion_tokens"))
     if max_tokens is None:
         raise _Bad("missing_max_tokens", "body.max_tokens is required")
-    if isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens <= 0:
-        raise _Bad("invalid_max_tokens", f"body.max_tokens must be a positive integer, not {max_tokens!r}")
+    if isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or not 0 < max_tokens < 2**32:
+        raise _Bad("invalid_max_tokens", f"body.max_tokens must be a positive integer below 2**32, not {max_tokens!r}")
     req["max_tokens"] = max_tokens
     if body.get("stream"):
         raise _Bad("unsupported_param", "body.stream is not supported in a batch")

@@ -207,6 +207,7 @@ class BatchRunner:
         self._inflight: dict[tuple[str, str], _Flight] = {}   # (job, custom_id) -> its task
         self._not_before: dict[tuple[str, str], float] = {}   # backoff: monotonic time of the next try
         self._attempts: dict[tuple[str, str], int] = {}       # calls made since this process started
+        self._code_attempts: dict[tuple[str, str], dict] = {}  # per item: failures by status (for RETRY_LIMIT)
         self._wake = asyncio.Event()
         self._refreshed = -1e9
         self._auth: list[tuple[str, str]] = []
@@ -301,7 +302,7 @@ class BatchRunner:
         INFLIGHT.set(len(self._inflight))
 
     def _forget(self, job_id: str) -> None:
-        for d in (self._not_before, self._attempts):
+        for d in (self._not_before, self._attempts, self._code_attempts):
             for k in [k for k in d if k[0] == job_id]:
                 del d[k]
 
@@ -348,6 +349,25 @@ class BatchRunner:
 
     # -- one item --------------------------------------------------------------------------------
     async def _run_item(self, job: Job, item: PendingItem) -> None:
+        try:
+            await self._try_item(job, item)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # a bug or an item no request can be built from: its error, not a busy loop
+            log.exception("batch: %s/%s failed in the runner", job.id, item.custom_id)
+            outcome = Outcome(job.id, item.custom_id, "error", error_code="internal",
+                              error_message=f"the batch runner could not run this item: {exc}",
+                              attempts=self._attempts.get((job.id, item.custom_id), 1))
+            try:
+                if await self.recorder.record(outcome):
+                    ITEMS.labels("error").inc()
+            except Exception:
+                self._backoff((job.id, item.custom_id), self._attempts.get((job.id, item.custom_id), 1))
+                return
+            self._attempts.pop((job.id, item.custom_id), None)
+            self._not_before.pop((job.id, item.custom_id), None)
+
+    async def _try_item(self, job: Job, item: PendingItem) -> None:
         key = (job.id, item.custom_id)
         attempts = self._attempts[key] = self._attempts.get(key, 0) + 1
         picked = self.routers.pick()
@@ -372,7 +392,12 @@ class BatchRunner:
             limit = RETRY_LIMIT.get(code, 0)
             if code == grpc.StatusCode.UNAVAILABLE:
                 self.routers.failed(addr)
-            if limit is None or attempts < limit:
+            if code == grpc.StatusCode.UNAUTHENTICATED:
+                self._auth_state = "unknown"   # a revoked or re-created service key: fetch it again
+            # A limited status counts only its own failures: sheds before it do not use up its tries.
+            same = self._code_attempts[key] = self._code_attempts.get(key, {})
+            same[code] = same.get(code, 0) + 1
+            if limit is None or same[code] < limit:
                 RETRIES.labels(code.name.lower()).inc()
                 log.debug("batch: %s/%s: %s %s; retrying later", job.id, item.custom_id, code.name, exc.details())
                 self._backoff(key, attempts, _retry_after_s(exc))
@@ -397,6 +422,7 @@ class BatchRunner:
         if recorded:
             ITEMS.labels(outcome.state).inc()
         self._attempts.pop(key, None)
+        self._code_attempts.pop(key, None)
         self._not_before.pop(key, None)
 
     def _backoff(self, key: tuple[str, str], attempts: int, hint_s: float = 0.0) -> None:

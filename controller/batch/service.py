@@ -84,6 +84,8 @@ class BatchService(pbg.BatchServicer):
 
     # -- RPCs ----------------------------------------------------------------------------------
     async def Submit(self, request_iterator, context) -> pb.BatchJob:
+        if self.auth.enabled:   # a caller without a valid key is refused before the upload is buffered
+            await self._principal(context)
         parts: list[bytes] = []
         size = 0
         window_s = 0

@@ -53,6 +53,7 @@ def test_valid_chat_and_completion_lines_become_normalised_items():
     (json.dumps({**chat("x"), "body": {"model": "m1", "messages": [{"role": "user", "content": "a"}]}}), "missing_max_tokens", "x"),
     (json.dumps(chat("x", max_tokens=0)), "invalid_max_tokens", "x"),
     (json.dumps(chat("x", max_tokens="8")), "invalid_max_tokens", "x"),
+    (json.dumps(chat("x", max_tokens=2**32)), "invalid_max_tokens", "x"),   # the wire field is uint32
     (json.dumps(chat("x", temperature=9)), "invalid_param", "x"),
     (json.dumps(chat("x", seed=-1)), "invalid_param", "x"),
     (json.dumps(chat("x", stop=[""])), "invalid_param", "x"),
