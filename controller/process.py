@@ -80,11 +80,11 @@ async def _health_server(server: grpc.aio.Server, services: list[str]):
     return servicer
 
 
-async def _register_router(registry: Registry, cfg: RouterConfig, admission=None) -> None:
+async def _register_router(registry: Registry, cfg: RouterConfig, admission=None, router_id: str = "") -> None:
     """Keeps ``P/routers/<id>`` alive while this router runs (quotas are shared among the
     live routers; the batch runner dials them; `kvfleet nodes list` shows their queues).
     A lost lease is re-granted; the entry is rewritten when its queue figures change."""
-    entry = RouterEntry(router_id=uuid.uuid4().hex[:12], address=cfg.advertise or cfg.listen,
+    entry = RouterEntry(router_id=router_id or uuid.uuid4().hex[:12], address=cfg.advertise or cfg.listen,
                         started_unix_ms=int(time.time() * 1000))
     lease = 0
     written = None
@@ -120,7 +120,8 @@ async def _serve_router(cfg: RouterConfig, registry: Registry):
     fleet_task = asyncio.create_task(fleet.run(), name="fleet")
     server = grpc.aio.server()
     usage = build_usage_sink(cfg, registry)
-    auth, quotas = build_auth(cfg, registry), build_quotas(cfg, registry)
+    router_id = uuid.uuid4().hex[:12]
+    auth, quotas = build_auth(cfg, registry), build_quotas(cfg, registry, router_id)
     admission = build_admission(cfg, fleet)
     service = RouterService(
         fleet, policy=cfg.policy, first_token_timeout_s=cfg.first_token_timeout_s,
@@ -134,7 +135,7 @@ async def _serve_router(cfg: RouterConfig, registry: Registry):
     _bind(server, cfg.listen, "--router-listen")
     await server.start()
     await asyncio.wait_for(fleet.synced.wait(), timeout=30)
-    reg_task = asyncio.create_task(_register_router(registry, cfg, admission), name="router-registration")
+    reg_task = asyncio.create_task(_register_router(registry, cfg, admission, router_id), name="router-registration")
     await h.set("", health_pb2.HealthCheckResponse.SERVING)
     await h.set("kvfleet.v1.Inference", health_pb2.HealthCheckResponse.SERVING)
     return server, fleet, _Tasks(fleet_task, reg_task, usage, admission, auth, quotas)

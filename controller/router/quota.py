@@ -5,7 +5,7 @@ or a tier without limits, is unlimited. Each router enforces its **share** of ev
 from memory, with no etcd round trip per request (an etcd write costs ~1.7 ms of disk
 sync): with N live routers (``P/routers/``, watched; a router always counts itself) the
 limit L is split into integer parts that add up to L exactly, ``L // N`` each plus one for
-the first ``L % N`` routers in address order. docs/tenancy.md says how exact that is.
+the first ``L % N`` routers in router-id order. docs/tenancy.md says how exact that is.
 
 Per (tenant, tier) this router keeps sliding 60 s windows, not token buckets: a bucket
 refilled at L/60 per second with a burst of L admits up to 2L in some 60 s span; the
@@ -44,7 +44,7 @@ ROUTERS = Gauge("kvfleet_router_quota_routers", "Live routers this router divide
 
 def split(limit: int, routers: int, rank: int) -> int:
     """This router's part of ``limit`` when ``routers`` share it and it is ``rank``-th
-    (0-based) in address order; the parts of all ranks add up to ``limit``."""
+    (0-based) in router-id order; the parts of all ranks add up to ``limit``."""
     base, extra = divmod(limit, max(routers, 1))
     return base + (1 if rank < extra else 0)
 
@@ -133,7 +133,8 @@ class Quotas:
     """Enforces this router's share of every tenant's limits.
 
     ``view`` has ``tenants`` (name -> Tenant) and ``routers`` (id -> RouterEntry);
-    ``me`` is this router's advertised address (how it finds its rank among them);
+    ``me`` is this router's id in ``P/routers/`` (how it finds its rank among them: ids are
+    unique, addresses need not be, e.g. two routers on ``0.0.0.0:50051`` without --advertise);
     ``clock`` returns seconds (injected by tests)."""
 
     def __init__(self, view, me: str, clock: Callable[[], float] = time.monotonic) -> None:
@@ -150,11 +151,11 @@ class Quotas:
 
     def routers(self) -> tuple[int, int]:
         """``(live routers, this router's rank)``; a router not (yet) registered counts itself last."""
-        addrs = sorted(e.address for e in self.view.routers.values())
-        if self.me in addrs:
-            n, rank = len(addrs), addrs.index(self.me)
+        ids = sorted(e.router_id for e in self.view.routers.values())
+        if self.me in ids:
+            n, rank = len(ids), ids.index(self.me)
         else:
-            n, rank = len(addrs) + 1, len(addrs)
+            n, rank = len(ids) + 1, len(ids)
         ROUTERS.set(n)
         return n, rank
 
@@ -241,7 +242,7 @@ class Quotas:
         return RequestError(grpc.StatusCode.RESOURCE_EXHAUSTED, message, trailers)
 
 
-def build_quotas(cfg, registry):
-    """Quotas from the tenants in etcd, shared among the live routers. Call ``start()``
-    before serving and ``close()`` at shutdown."""
-    return Quotas(TenancyView.of(registry), cfg.advertise or cfg.listen)
+def build_quotas(cfg, registry, router_id: str):
+    """Quotas from the tenants in etcd, shared among the live routers (``router_id``: this
+    router's entry in ``P/routers/``). Call ``start()`` before serving and ``close()`` at shutdown."""
+    return Quotas(TenancyView.of(registry), router_id)
