@@ -231,7 +231,9 @@ class _TextStream:
 
 
 class _Request:
-    """A request inside the core. ``tokens`` is prompt + output so far."""
+    """A request inside the core. ``tokens`` is prompt + output so far, 4 bytes a token
+    (a list would hold an int object of 28 bytes for each id above 256: gigabytes across
+    the live requests of a 1,000-node simulation)."""
 
     __slots__ = (
         "request_id", "tokens", "num_prompt_tokens", "max_tokens", "stop_token_ids",
@@ -242,7 +244,7 @@ class _Request:
 
     def __init__(self, req: EngineRequest, arrival_time: float, arrival_seq: int, text: _TextStream) -> None:
         self.request_id = req.request_id
-        self.tokens: list[int] = list(req.prompt_token_ids)
+        self.tokens = array(_U32, req.prompt_token_ids)
         self.num_prompt_tokens = len(self.tokens)
         self.max_tokens = req.max_tokens
         self.stop_token_ids = frozenset(req.stop_token_ids)
@@ -582,7 +584,7 @@ class SimEngineCore:
         self._events.append(BlockStored(
             block_hashes=r.block_hashes[start:end],
             parent_block_hash=r.block_hashes[start - 1] if start else None,
-            token_ids=r.tokens[start * bs:end * bs],
+            token_ids=r.tokens[start * bs:end * bs].tolist(),
             block_size=bs,
             medium=MEDIUM,
         ))
@@ -639,7 +641,7 @@ class SimEngineCore:
         if len(tokens) % bs == 0:                     # a block of tokens is complete: name it
             r.block_hashes.append(self._hash_block(
                 r.block_hashes[-1] if r.block_hashes else None,
-                array(_U32, tokens[-bs:]).tobytes(),
+                tokens[-bs:].tobytes(),
             ))
         # vLLM's order: length first, then EOS, then stop tokens.
         if r.num_output_tokens >= r.max_tokens or len(tokens) >= self._max_model_len:
@@ -684,7 +686,10 @@ class SimEngineCore:
         O(len(token_ids)).
         """
         bs = self._bs
-        data = array(_U32, token_ids).tobytes()
+        if isinstance(token_ids, array) and token_ids.typecode == _U32:
+            data = token_ids.tobytes()
+        else:
+            data = array(_U32, token_ids).tobytes()
         width = 4 * bs
         out: list[int] = []
         for i in range(len(token_ids) // bs):
