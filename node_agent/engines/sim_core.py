@@ -189,7 +189,7 @@ class _FreeBlockQueue:
         self._log, self._head = live, 0
 
     def blocks(self) -> Iterable[int]:
-        """Ids of the used free blocks in eviction order (the never-used ones come first)."""
+        """Ids of the used free blocks, next eviction first (never-used blocks, not listed, go before them)."""
         log, pos = self._log, self._pos
         return (log[i] for i in range(self._head, len(log)) if pos[log[i]] == i)
 
