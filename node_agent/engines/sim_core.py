@@ -37,7 +37,6 @@ from __future__ import annotations
 import hashlib
 import heapq
 from array import array
-from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Iterable, NewType, Sequence
 
@@ -118,63 +117,91 @@ class SimStats:
     generation_tokens: int = 0      # tokens generated
 
 
-class _Block:
-    """One physical KV block. Its identity, not its content, keys the free queue."""
-
-    __slots__ = ("block_id", "ref_cnt", "block_hash")
-
-    def __init__(self, block_id: int) -> None:
-        self.block_id = block_id                  # 0..num_blocks-1, for debugging
-        self.ref_cnt = 0                          # requests holding the block
-        self.block_hash: int | None = None        # engine hash while cached, else None
-
-
 class _FreeBlockQueue:
-    """vLLM's free-block queue: the blocks no request holds, in eviction order.
+    """vLLM's free-block queue: the ids of the blocks no request holds, in eviction order.
 
     vLLM starts with every block in the queue in id order and appends freed blocks at
     the tail, so never-used blocks always form the head. Here they are only counted
-    and created on first use: an idle engine costs a few hundred bytes, which matters
-    when a simulator holds thousands. After them come freed blocks in the order they
-    were freed. The OrderedDict is a linked hash map in C: append, pop from the head
-    and removal from the middle (a prefix hit on a free cached block) are all O(1),
-    which is what vLLM's hand-written linked list buys, at C speed.
+    and given an id on first use: an idle engine costs a few hundred bytes, which
+    matters when a simulator holds thousands. After them come freed blocks in the
+    order they were freed, in an append-only log of ids with lazy deletion: ``_pos``
+    says where each block's live entry is, so an entry whose block was taken out of
+    the middle (a prefix hit on a free cached block) or freed again later is skipped.
+    Append, pop from the head and removal from the middle are O(1) amortized, as
+    vLLM's hand-written linked list is; the log is compacted when more than half of
+    it is dead. About 24 bytes per block, where an OrderedDict of block objects took
+    about 140.
     """
 
-    __slots__ = ("_fresh", "_next_id", "_queue")
+    __slots__ = ("_fresh", "_next_id", "_log", "_head", "_pos", "_live")
 
     def __init__(self, num_blocks: int) -> None:
         self._fresh = num_blocks                  # never-used blocks, at the head
-        self._next_id = 0
-        self._queue: OrderedDict[_Block, None] = OrderedDict()
+        self._next_id = 0                         # id of the next never-used block
+        self._log = array("q")                    # freed block ids, oldest first; dead entries skipped
+        self._head = 0                            # entries before it are consumed
+        self._pos = array("q")                    # per block id: index of its live entry in _log, or -1
+        self._live = 0                            # live entries in _log
 
     def __len__(self) -> int:
-        return self._fresh + len(self._queue)
+        return self._fresh + self._live
 
-    def popleft(self) -> _Block:
-        """The next block to reuse. O(1). The caller evicts its hash, if any."""
+    def popleft(self) -> int:
+        """The id of the next block to reuse. O(1) amortized. The caller evicts its hash, if any.
+
+        A never-used block's id is ``num_used - 1`` right after the call.
+        """
         if self._fresh:
             self._fresh -= 1
-            self._next_id += 1
-            return _Block(self._next_id - 1)
-        return self._queue.popitem(last=False)[0]
+            b = self._next_id
+            self._next_id = b + 1
+            self._pos.append(-1)
+            return b
+        log, pos, i = self._log, self._pos, self._head
+        b = log[i]
+        while pos[b] != i:
+            i += 1
+            b = log[i]
+        pos[b] = -1
+        self._head = i + 1
+        self._live -= 1
+        return b
 
-    def append(self, block: _Block) -> None:
-        """Puts a block that no request holds any more at the tail. O(1)."""
-        self._queue[block] = None
+    def append(self, b: int) -> None:
+        """Puts a block that no request holds any more at the tail. O(1) amortized."""
+        if len(self._log) > 2 * self._live + 1024:
+            self._compact()
+        log = self._log
+        self._pos[b] = len(log)
+        log.append(b)
+        self._live += 1
 
-    def remove(self, block: _Block) -> None:
-        """Takes a free cached block out of the queue (a prefix hit). O(1)."""
-        del self._queue[block]
+    def remove(self, b: int) -> None:
+        """Takes a free block out of the queue (a prefix hit). O(1)."""
+        self._pos[b] = -1
+        self._live -= 1
 
-    def blocks(self) -> Iterable[_Block]:
-        """Allocated free blocks in eviction order (the never-used ones come first)."""
-        return self._queue.keys()
+    def _compact(self) -> None:
+        live = array("q", self.blocks())
+        pos = self._pos
+        for i, b in enumerate(live):
+            pos[b] = i
+        self._log, self._head = live, 0
+
+    def blocks(self) -> Iterable[int]:
+        """Ids of the used free blocks, next eviction first (never-used blocks, not listed, go before them)."""
+        log, pos = self._log, self._pos
+        return (log[i] for i in range(self._head, len(log)) if pos[log[i]] == i)
+
+    @property
+    def num_used(self) -> int:
+        """Blocks given an id so far: ids are ``0..num_used-1``."""
+        return self._next_id
 
     def reset(self, num_blocks: int) -> None:
         """Forgets block identities; only valid when every block is free and anonymous."""
         self._fresh, self._next_id = num_blocks, 0
-        self._queue.clear()
+        self._log, self._head, self._pos, self._live = array("q"), 0, array("q"), 0
 
 
 _WAITING, _RUNNING, _FINISHED = 0, 1, 2
@@ -231,7 +258,9 @@ class _TextStream:
 
 
 class _Request:
-    """A request inside the core. ``tokens`` is prompt + output so far."""
+    """A request inside the core. ``tokens`` is prompt + output so far, 4 bytes a token
+    (a list would hold an int object of 28 bytes for each id above 256: gigabytes across
+    the live requests of a 1,000-node simulation)."""
 
     __slots__ = (
         "request_id", "tokens", "num_prompt_tokens", "max_tokens", "stop_token_ids",
@@ -242,15 +271,15 @@ class _Request:
 
     def __init__(self, req: EngineRequest, arrival_time: float, arrival_seq: int, text: _TextStream) -> None:
         self.request_id = req.request_id
-        self.tokens: list[int] = list(req.prompt_token_ids)
+        self.tokens = array(_U32, req.prompt_token_ids)
         self.num_prompt_tokens = len(self.tokens)
         self.max_tokens = req.max_tokens
         self.stop_token_ids = frozenset(req.stop_token_ids)
         self.priority = req.priority
         self.arrival_time = arrival_time
         self.arrival_seq = arrival_seq                # tie-break for equal arrival times
-        self.block_hashes: list[int] = []             # engine hashes of the full blocks of tokens
-        self.blocks: list[_Block] = []                # physical blocks, one per started block
+        self.block_hashes = array("Q")                # engine hashes of the full blocks of tokens
+        self.blocks = array("q")                      # ids of its physical blocks, one per started block
         self.num_computed_tokens = 0                  # tokens whose KV is in the cache
         self.num_cached_blocks = 0                    # leading blocks registered in the prefix cache
         self.num_cached_tokens: int | None = None     # prefix hit of the first admission, tokens
@@ -271,15 +300,16 @@ class SimEngineCore:
     Costs: ``add_request`` hashes the prompt, O(prompt blocks); ``step`` is
     O(running requests + blocks touched), with one small hash per block that fills;
     ``load`` and ``has_work`` are O(1). Measured: about 2.5 us of step time per
-    output token with ~30 sequences running; about 1.3 kB per idle core, 230 bytes
-    per block in use or cached, plus the token lists of live requests; never-used
-    blocks cost nothing.
+    output token with ~30 sequences running; about 1.3 kB per idle core, about 115
+    bytes per block in use or cached (its entry in the cache dict with the hash and id
+    objects, about 90; the per-block arrays and the free log, about 25), plus 4 bytes
+    per token and 16 per block of each live request; never-used blocks cost nothing.
     """
 
     __slots__ = (
         "config", "stats", "_bs", "_num_blocks", "_max_seqs", "_max_batched", "_max_model_len",
         "_vocab", "_eos", "_eos_prob", "_prefill_rate", "_dec_base", "_dec_seq", "_dec_ctx",
-        "_hasher", "_root", "_free", "_cached", "_requests", "_running", "_waiting",
+        "_hasher", "_root", "_free", "_ref", "_hash", "_cached", "_requests", "_running", "_waiting",
         "_num_waiting", "_arrivals", "_queued_prefill", "_events", "_last_step_at",
     )
 
@@ -307,7 +337,10 @@ class SimEngineCore:
         root.update(b"kvfleet-sim-none-hash")
         self._root = root.digest()
         self._free = _FreeBlockQueue(cfg.num_blocks)
-        self._cached: dict[int, _Block] = {}          # engine hash -> the one block holding it
+        # Per block id, arrays rather than an object per block (see _FreeBlockQueue).
+        self._ref = array("i")                        # requests holding the block
+        self._hash = array("Q")                       # its engine hash while cached (stale after)
+        self._cached: dict[int, int] = {}             # engine hash -> id of the one block holding it
         self._requests: dict[str, _Request] = {}      # live requests (waiting or running)
         self._running: list[_Request] = []            # admission order
         self._waiting: list[tuple[int, float, int, _Request]] = []  # heap; aborted entries skipped lazily
@@ -351,7 +384,7 @@ class SimEngineCore:
         text = _TextStream(self._text_seed(req), self._eos, self._eos_prob)
         r = _Request(req, now, self._arrivals, text)
         self._arrivals += 1
-        r.block_hashes = self.engine_block_hashes(r.tokens)
+        r.block_hashes = array("Q", self.engine_block_hashes(r.tokens))
         self._requests[r.request_id] = r
         self._enqueue(r)
 
@@ -464,7 +497,7 @@ class SimEngineCore:
 
         if preempted:
             return scheduled, preempted
-        heap, free = self._waiting, self._free
+        heap, free, ref = self._waiting, self._free, self._ref
         while heap and budget > 0 and len(running) < self._max_seqs:
             r = heap[0][3]
             if r.status != _WAITING:                  # aborted while waiting
@@ -474,14 +507,14 @@ class SimEngineCore:
             computed = len(hits) * bs
             n = min(len(r.tokens) - computed, budget)
             new_blocks = -(-(computed + n) // bs) - len(hits)
-            if new_blocks + sum(1 for b in hits if b.ref_cnt == 0) > len(free):
+            if new_blocks + sum(1 for b in hits if ref[b] == 0) > len(free):
                 break                                 # head of line waits, as in vLLM
             heapq.heappop(heap)
             for b in hits:                            # pin the hit before allocating can evict it
-                if b.ref_cnt == 0:
+                if ref[b] == 0:
                     free.remove(b)
-                b.ref_cnt += 1
-            r.blocks = hits
+                ref[b] += 1
+            r.blocks = array("q", hits)
             r.num_computed_tokens = computed
             r.num_cached_blocks = len(hits)
             self._allocate(r, computed + n)
@@ -503,11 +536,11 @@ class SimEngineCore:
 
     # ------------------------------------------------------------------ blocks
 
-    def _lookup(self, r: _Request) -> list[_Block]:
+    def _lookup(self, r: _Request) -> list[int]:
         """The longest cached prefix of ``r``, capped so its last token is computed. O(hit)."""
         cap = min((len(r.tokens) - 1) // self._bs, len(r.block_hashes))
         cached, hashes = self._cached, r.block_hashes
-        hits: list[_Block] = []
+        hits: list[int] = []
         for i in range(cap):
             b = cached.get(hashes[i])
             if b is None:
@@ -528,15 +561,18 @@ class SimEngineCore:
         if need > len(free):
             return False
         evicted: list[int] = []
-        blocks = r.blocks
+        blocks, ref, bhash, cached = r.blocks, self._ref, self._hash, self._cached
         for _ in range(need):
             b = free.popleft()
-            h = b.block_hash
-            if h is not None:
-                del self._cached[h]
-                b.block_hash = None
-                evicted.append(h)
-            b.ref_cnt = 1
+            if b == len(ref):                         # never used: its slots are made now
+                ref.append(1)
+                bhash.append(0)
+            else:
+                h = bhash[b]
+                if cached.get(h) == b:
+                    del cached[h]
+                    evicted.append(h)
+                ref[b] = 1
             blocks.append(b)
         if evicted:
             self._events.append(BlockRemoved(block_hashes=evicted, medium=MEDIUM))
@@ -551,24 +587,24 @@ class SimEngineCore:
         """
         bs = self._bs
         full = min(r.num_computed_tokens // bs, len(r.block_hashes))
-        hashes, blocks, cached = r.block_hashes, r.blocks, self._cached
+        hashes, blocks, cached, ref = r.block_hashes, r.blocks, self._cached, self._ref
         run = -1
         for i in range(r.num_cached_blocks, full):
             h = hashes[i]
             existing = cached.get(h)
             if existing is None:
-                blocks[i].block_hash = h
+                self._hash[blocks[i]] = h
                 cached[h] = blocks[i]
                 if run < 0:
                     run = i
                 continue
-            if existing is not blocks[i]:
-                if existing.ref_cnt == 0:
+            if existing != blocks[i]:
+                if ref[existing] == 0:
                     self._free.remove(existing)
-                existing.ref_cnt += 1
+                ref[existing] += 1
                 own, blocks[i] = blocks[i], existing
-                own.ref_cnt -= 1
-                if own.ref_cnt == 0:
+                ref[own] -= 1
+                if ref[own] == 0:
                     self._free.append(own)
             if run >= 0:
                 self._publish(r, run, i)
@@ -580,21 +616,21 @@ class SimEngineCore:
     def _publish(self, r: _Request, start: int, end: int) -> None:
         bs = self._bs
         self._events.append(BlockStored(
-            block_hashes=r.block_hashes[start:end],
+            block_hashes=r.block_hashes[start:end].tolist(),
             parent_block_hash=r.block_hashes[start - 1] if start else None,
-            token_ids=r.tokens[start * bs:end * bs],
+            token_ids=r.tokens[start * bs:end * bs].tolist(),
             block_size=bs,
             medium=MEDIUM,
         ))
 
     def _free_request_blocks(self, r: _Request) -> None:
         """Releases ``r``'s blocks tail first, so its leaves are evicted before its parents."""
-        free = self._free
+        free, ref = self._free, self._ref
         for b in reversed(r.blocks):
-            b.ref_cnt -= 1
-            if b.ref_cnt == 0:
+            ref[b] -= 1
+            if ref[b] == 0:
                 free.append(b)
-        r.blocks = []
+        r.blocks = array("q")
         r.num_cached_blocks = 0
 
     # ------------------------------------------------------------------ requests in flight
@@ -639,7 +675,7 @@ class SimEngineCore:
         if len(tokens) % bs == 0:                     # a block of tokens is complete: name it
             r.block_hashes.append(self._hash_block(
                 r.block_hashes[-1] if r.block_hashes else None,
-                array(_U32, tokens[-bs:]).tobytes(),
+                tokens[-bs:].tobytes(),
             ))
         # vLLM's order: length first, then EOS, then stop tokens.
         if r.num_output_tokens >= r.max_tokens or len(tokens) >= self._max_model_len:
@@ -684,7 +720,10 @@ class SimEngineCore:
         O(len(token_ids)).
         """
         bs = self._bs
-        data = array(_U32, token_ids).tobytes()
+        if isinstance(token_ids, array) and token_ids.typecode == _U32:
+            data = token_ids.tobytes()
+        else:
+            data = array(_U32, token_ids).tobytes()
         width = 4 * bs
         out: list[int] = []
         for i in range(len(token_ids) // bs):
@@ -705,6 +744,7 @@ class SimEngineCore:
             return False
         self._cached.clear()
         self._free.reset(self._num_blocks)
+        self._ref, self._hash = array("i"), array("Q")
         self._events.append(AllBlocksCleared())
         return True
 
@@ -747,7 +787,8 @@ class SimEngineCore:
 
     def evictable_block_hashes(self) -> list[int]:
         """Engine hashes of cached blocks no request holds, next eviction first. O(free)."""
-        return [b.block_hash for b in self._free.blocks() if b.block_hash is not None]
+        cached, bhash = self._cached, self._hash
+        return [bhash[b] for b in self._free.blocks() if cached.get(bhash[b]) == b]
 
     def num_computed_tokens(self, request_id: str) -> int:
         """Tokens of a live request whose KV is computed; raises KeyError if not live."""

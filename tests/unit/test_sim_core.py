@@ -4,13 +4,15 @@ order, load numbers and step durations, in the style of vLLM's test_prefix_cachi
 from __future__ import annotations
 
 import dataclasses
+import random
+from collections import OrderedDict
 from dataclasses import dataclass, field
 
 import pytest
 from pydantic import ValidationError
 
 from kvfleet.node_agent.engine import EngineError, EngineOutput, EngineRequest, LoadSnapshot
-from kvfleet.node_agent.engines.sim_core import SimConfig, SimEngineCore, StepResult
+from kvfleet.node_agent.engines.sim_core import SimConfig, SimEngineCore, StepResult, _FreeBlockQueue
 from kvfleet.node_agent.kv_events import AllBlocksCleared, BlockRemoved, BlockStored
 
 
@@ -187,6 +189,39 @@ def test_prefix_hit_on_a_free_cached_block_protects_it_from_eviction():
     run = run_to_idle(core, run.t)
     assert run.outputs["b"][0].num_cached_tokens == 8
     assert not any(isinstance(e, BlockRemoved) for e in run.events)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_free_queue_pops_in_the_order_an_ordered_dict_would_through_compactions(seed):
+    # The lazy-deletion log against the linked hash map it replaced, with enough
+    # removals from the middle that the log is compacted many times.
+    rng = random.Random(seed)
+    num_blocks = 3000
+    q, ref = _FreeBlockQueue(num_blocks), OrderedDict()
+    fresh, next_id = num_blocks, 0
+    held: list[int] = []
+    for _ in range(60_000):
+        op = rng.random()
+        if op < 0.4 and len(q):
+            b = q.popleft()
+            if fresh:
+                assert b == next_id
+                fresh, next_id = fresh - 1, next_id + 1
+            else:
+                assert b == ref.popitem(last=False)[0]
+            held.append(b)
+        elif op < 0.75 and held:
+            b = held.pop(rng.randrange(len(held)))
+            q.append(b)
+            ref[b] = None
+        elif ref:
+            b = rng.choice(list(ref)[:50]) if rng.random() < 0.5 else next(reversed(ref))
+            q.remove(b)
+            del ref[b]
+            held.append(b)
+        assert len(q) == fresh + len(ref)
+    assert list(q.blocks()) == list(ref)
+    assert q.num_used == next_id
 
 
 # ---------------------------------------------------------------- load and abort
