@@ -271,13 +271,18 @@ class RouterService(pbg.InferenceServicer):
 
     async def _generate(self, p: Prepared, request: pb.GenerateRequest, context, avoid=frozenset()):
         t_start = time.monotonic()
-        tried: set[str] = set(avoid)
+        tried: set[str] = set()
         attempts = 0
         last_error = "no ready node"
         while attempts < self.max_attempts:
-            ranked = self.rank(p, exclude=tried)
+            # The tier queue's ``avoid`` (nodes past the tier's limit) shapes the first choice;
+            # once a node has failed, a retry may go to any node that has not.
+            ranked = self.rank(p, exclude=tried | avoid if not tried else tried)
             # The ranking builds candidates as they are read: take the first eligible only.
             cand = next((c for c in ranked.candidates if c.eligible), None)
+            if cand is None and avoid and not tried:
+                ranked = self.rank(p, exclude=tried)
+                cand = next((c for c in ranked.candidates if c.eligible), None)
             if cand is None:
                 break
             attempts += 1
