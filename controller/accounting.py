@@ -12,6 +12,7 @@ from pathlib import Path
 
 import grpc
 
+from kvfleet.aio import cancel_and_wait
 from kvfleet.controller.ledger import EtcdInbox, Ledger, UsageDrain, UsageTotals, total
 from kvfleet.controller.prices import PRICES_KEY, TIERS, PriceTable, micro_to_decimal, table_json, to_decimal
 from kvfleet.v1 import usage_pb2 as pb
@@ -85,12 +86,7 @@ class Accounting:
         self._task = asyncio.create_task(self.drain.run(DRAIN_INTERVAL_S), name="usage-drain")
 
     async def close(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            try:
-                await self._task
-            except asyncio.CancelledError:
-                pass
+        await cancel_and_wait(self._task)
         try:  # a last pass: what routers flushed while stopping is committed now, not at next start
             await asyncio.wait_for(self.drain.drain_once(), 5.0)
         except Exception as exc:

@@ -33,6 +33,7 @@ from typing import Callable, Generic, TypeVar
 import pydantic
 from etcd3aio import prefix_range_end
 
+from kvfleet.aio import cancel_and_wait
 from kvfleet.controller.registry import Registry, RouterEntry
 
 log = logging.getLogger(__name__)
@@ -371,12 +372,7 @@ class TenancyView:
         if self._users:
             return
         task, self._task = self._task, None
-        if task is not None:
-            task.cancel()
-            try:
-                await task
-            except asyncio.CancelledError:
-                pass
+        await cancel_and_wait(task)
         self.synced.clear()  # a later start() waits for a fresh snapshot
 
     async def _run(self) -> None:

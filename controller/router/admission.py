@@ -62,6 +62,7 @@ import numpy as np
 from prometheus_client import Counter, Gauge
 from pydantic import BaseModel, Field
 
+from kvfleet.aio import cancel_and_wait
 from kvfleet.controller.router.errors import RequestError
 from kvfleet.controller.router.nodes import NodeTable
 from kvfleet.controller.router.policy import queued_now
@@ -277,12 +278,7 @@ class TierQueue:
         return {TIER_NAMES[t]: n for t, n in self._inflight.items()}
 
     async def close(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            try:
-                await self._task
-            except asyncio.CancelledError:
-                pass
+        await cancel_and_wait(self._task)
 
     # -- internals -----------------------------------------------------------------------------
     def _check(self, model: str, tier: int, now: float) -> frozenset[str] | None:

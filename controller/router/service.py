@@ -277,7 +277,7 @@ class RouterService(pbg.InferenceServicer):
         while attempts < self.max_attempts:
             # The tier queue's ``avoid`` (nodes past the tier's limit) shapes the first choice;
             # once a node has failed, a retry may go to any node that has not.
-            ranked = self.rank(p, exclude=tried | avoid if not tried else tried)
+            ranked = self.rank(p, exclude=tried or avoid)
             # The ranking builds candidates as they are read: take the first eligible only.
             cand = next((c for c in ranked.candidates if c.eligible), None)
             if cand is None and avoid and not tried:

@@ -30,6 +30,7 @@ import grpc
 import msgspec
 from prometheus_client import Counter
 
+from kvfleet.aio import cancel_and_wait
 from kvfleet.controller.prices import PRICES_KEY, PriceTable, TIER_BY_VALUE, table_from_json
 from kvfleet.controller.router.errors import RequestError
 
@@ -145,12 +146,7 @@ class EtcdUsageSink:
                 await self._writer
             except asyncio.CancelledError:
                 pass
-        if self._prices_task is not None:
-            self._prices_task.cancel()
-            try:
-                await self._prices_task
-            except asyncio.CancelledError:
-                pass
+        await cancel_and_wait(self._prices_task)
 
     # -- writer ------------------------------------------------------------------------------------
     def _start(self) -> None:

@@ -20,6 +20,7 @@ import logging
 import time
 from typing import AsyncIterator, Awaitable, Callable
 
+from kvfleet.aio import cancel_and_wait
 from kvfleet.node_agent.engine import (
     Engine,
     EngineError,
@@ -107,12 +108,7 @@ class SimEngine(Engine):
     async def stop(self) -> None:
         """Stops the loop; every open stream ends with an output finished by "abort"."""
         task, self._task = self._task, None
-        if task is not None:
-            task.cancel()
-            try:
-                await task
-            except asyncio.CancelledError:
-                pass
+        await cancel_and_wait(task)
         now = self._clock()
         for rid, q in list(self._streams.items()):
             self.core.abort(rid, now)

@@ -68,6 +68,7 @@ from typing import AsyncIterator
 
 from pydantic import BaseModel, Field, field_validator
 
+from kvfleet.aio import cancel_and_wait
 from kvfleet.node_agent.engine import (
     Engine,
     EngineError,
@@ -226,12 +227,7 @@ class ManagedVLLM(Engine):
         """Stops supervision, detaches, and ends the process group (SIGTERM, then SIGKILL)."""
         self._healthy = False
         task, self._supervisor = self._supervisor, None
-        if task is not None:
-            task.cancel()
-            try:
-                await task
-            except asyncio.CancelledError:
-                pass
+        await cancel_and_wait(task)
         await self._detach()
         await self._end_process(graceful=True)
 
