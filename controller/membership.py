@@ -203,7 +203,14 @@ class Membership:
                     node.lease_id = await self.registry.grant_lease(self.lease_ttl_s)
                     await self.registry.put_node(node.entry, node.lease_id)
                     node.summary_written_at = 0.0
-        node.ready, node.load, node.last_heartbeat_ms = ready, load, now_ms()
+        now = now_ms()
+        gap_ms = now - node.last_heartbeat_ms
+        if gap_ms > self.lease_ttl_s * 500:
+            # Half the lease gone between two heartbeats: the node (or this controller) was
+            # starved of CPU or blocked. Logged so that a lost lease can be explained.
+            log.warning("heartbeat of %s came %.1f s after the previous one (lease %d s)",
+                        node_id, gap_ms / 1000, self.lease_ttl_s)
+        node.ready, node.load, node.last_heartbeat_ms = ready, load, now
         if summaries is not None and (node.summaries is None or summaries.summaries != node.summaries.summaries):
             node.summary_pending = summaries
         await self._maybe_write_summary(node)

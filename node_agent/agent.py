@@ -13,6 +13,7 @@ import json
 import logging
 import os
 import socket
+import time
 from pathlib import Path
 
 import grpc
@@ -231,7 +232,14 @@ class NodeAgent:
                     ready=all(e.ready for e in self.engines.values()), summaries=send,
                     load=load_pb(self.publisher.current()),
                 )
+                slept_at, cpu_at = time.monotonic(), time.process_time()
                 await asyncio.sleep(self.heartbeat_interval_s)
+                late = time.monotonic() - slept_at - self.heartbeat_interval_s
+                if late > self.heartbeat_interval_s:
+                    # CPU used meanwhile near the whole wait: the event loop was blocked
+                    # by this process's own work; near zero: the process was starved.
+                    log.warning("heartbeat %.1f s late; this process used %.1f s of CPU in the %.1f s",
+                                late, time.process_time() - cpu_at, late + self.heartbeat_interval_s)
 
         md = (("x-kvfleet-node-id", ident.node_id), ("authorization", f"Bearer {ident.credential}"))
         async with self._channel() as ch:

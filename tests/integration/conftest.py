@@ -221,14 +221,15 @@ class BearerKey(grpc.UnaryUnaryClientInterceptor, grpc.UnaryStreamClientIntercep
 
 
 def start_cluster(tmp: Path, n_nodes: int, node_args: tuple[str, ...] = (),
-                  first_token_timeout: float = FIRST_TOKEN_TIMEOUT, auth: bool = False) -> Cluster:
+                  first_token_timeout: float = FIRST_TOKEN_TIMEOUT, auth: bool = False,
+                  lease_ttl: int = LEASE_TTL) -> Cluster:
     """etcd, a controller with its router, and ``n_nodes`` sim nodes. ``auth``: the router
     requires API keys; the cluster then holds one (tenant ``test``) for its own calls."""
     etcd = start_etcd(tmp)
     controller, router = f"127.0.0.1:{free_port()}", f"127.0.0.1:{free_port()}"
     cproc = spawn("controller", KVFLEET + [
         "controller", "run", "--etcd", etcd.endpoint, "--listen", controller, "--router-listen", router,
-        "--lease-ttl", str(LEASE_TTL), "--first-token-timeout", str(first_token_timeout),
+        "--lease-ttl", str(lease_ttl), "--first-token-timeout", str(first_token_timeout),
         "--data-dir", str(tmp / "controller-data"), *(() if auth else ("--no-auth",)),
     ], tmp)
     c = Cluster(tmp, etcd, controller, router, cproc)

@@ -39,6 +39,10 @@ ENGINE_START_S = 300                   # bound on one engine's cold start (measu
 # 1.5 s; a CPU engine's TTFT wobbles by more than that when two engines share 2 cores, and
 # a spurious retry would move a request off the node a test expects.
 FIRST_TOKEN_TIMEOUT = 60.0
+# Node lease. The sim tier uses 3 s; here a vLLM engine decoding on both cores starves the
+# agent and controller processes, and one CI run saw a 3 s gap between heartbeats (the
+# node left routing mid-module). Lease expiry is tested in the sim tier, not here.
+VLLM_LEASE_TTL = 10
 
 
 @pytest.hookimpl(tryfirst=True)
@@ -261,7 +265,7 @@ class Fleet:
 
 def start_fleet(tmp: Path) -> Fleet:
     """etcd, a controller with its router, and a join token; no nodes yet."""
-    return Fleet(start_cluster(tmp, 0, first_token_timeout=FIRST_TOKEN_TIMEOUT))
+    return Fleet(start_cluster(tmp, 0, first_token_timeout=FIRST_TOKEN_TIMEOUT, lease_ttl=VLLM_LEASE_TTL))
 
 
 @pytest.fixture(scope="module")

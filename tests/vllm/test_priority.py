@@ -124,6 +124,8 @@ class Queue:
     def block(self) -> Flight:
         """Starts the blocker and waits until it holds the engine's only seat."""
         assert self.counts() == (0, 0), f"the engine is not idle: (running, waiting) = {self.counts()}"
+        if self.via_router:
+            wait_for(lambda: self.fleet.routable(self.node), 30, what=f"{self.node} routable")
         blocker = self.send("blocker", cpb.TIER_DEFAULT, BLOCKER_MAX_TOKENS, seed=1)
         wait_for(lambda: blocker.first_token_at is not None or blocker.error, 60, interval=0.1,
                  what="the blocker's first token")
