@@ -109,6 +109,7 @@ async def _register_router(registry: Registry, cfg: RouterConfig, admission=None
 
 
 async def _serve_router(cfg: RouterConfig, registry: Registry):
+    from kvfleet.controller.router import cost, probe
     from kvfleet.controller.router.admission import build_admission
     from kvfleet.controller.router.auth import build_auth
     from kvfleet.controller.router.fleet import Fleet
@@ -116,6 +117,8 @@ async def _serve_router(cfg: RouterConfig, registry: Registry):
     from kvfleet.controller.router.service import RouterService
     from kvfleet.controller.router.usage import build_usage_sink
 
+    cost.warm_up()          # compiled, or loaded from Numba's cache, before the first request
+    probe.warm_up()
     fleet = Fleet(registry)
     fleet_task = asyncio.create_task(fleet.run(), name="fleet")
     server = grpc.aio.server()

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from kvfleet.controller.router import probe as _probe
 from kvfleet.controller.router.hashtable import (
     delete_entries,
     place_by_home_bucket,
@@ -98,35 +99,12 @@ class BlockHolders:
         """(count, xor, z) for a prompt's chained ``hashes``: ``z`` is the first block
         nobody holds (``len(hashes)`` if none), and count/xor are exact for blocks before
         ``z`` and 0 from it on. Cheaper than :meth:`lookup`, because a prompt's tail
-        that nobody holds needs no exact answer: one vectorised pass over home buckets,
-        then plain-Python probes only for the few keys before ``z`` not settled there."""
-        keys = mix(hashes, _U64(SALT))
-        n = keys.size
-        b = (keys & _U64(self._bmask)).view(np.int64)
-        at = np.take(self._rows, b, axis=0)
-        # Byte j of eq is 1 where entry j of the key's home bucket holds it (keys are unique).
-        eq = (at == keys[:, None]).view(np.uint64).reshape(-1)
-        miss = np.flatnonzero(eq == 0)
-        z, later = n, miss
-        if miss.size:
-            ended = row_any(at[miss] == EMPTY)
-            absent = miss[ended]
-            if absent.size:
-                z = int(absent[0])
-            later = miss[~ended]
-            later = later[later < z]     # held elsewhere on the probe sequence, or absent further on
-        # The set byte's index: frexp's exponent of 2**(8j) is 8j + 1.
-        pos = (b[:z] << LOG_BUCKET) | ((np.frexp(eq[:z].astype(np.float64))[1] - 1) >> 3)
-        for i in later.tolist():
-            p = self._find_scalar(int(keys[i]))
-            if p < 0:
-                z = i
-                break
-            pos[i] = p
-        count = np.zeros(n, dtype=np.int64)
-        xor = np.zeros(n, dtype=np.int64)
-        count[:z] = self._count[pos[:z]]
-        xor[:z] = self._xor[pos[:z]]
+        that nobody holds needs no exact answer: one compiled loop (``probe.py``) that
+        stops at ``z``."""
+        h = np.ascontiguousarray(hashes, dtype=_U64).reshape(-1)
+        count = np.empty(h.size, dtype=np.int64)
+        xor = np.empty(h.size, dtype=np.int64)
+        z = _probe.holders_prefix(self._keys, self._count, self._xor, _U64(self._bmask), _U64(SALT), h, count, xor)
         return count, xor, z
 
     def count_of(self, block_hash: int) -> int:

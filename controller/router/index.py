@@ -81,6 +81,7 @@ from kvfleet.controller.router.hashtable import place_by_home_bucket as _place_b
 from kvfleet.controller.router.hashtable import row_any as _row_any
 from kvfleet.controller.router.hashtable import table_capacity as _table_capacity
 from kvfleet.controller.router.hashtable import unmix as _unmix
+from kvfleet.controller.router import probe as _probe
 from kvfleet.controller.router.holders import BlockHolders
 from kvfleet.hashing import fmix_int
 
@@ -332,24 +333,26 @@ class PrefixIndex:
         block ``i``, so the holder count (:class:`BlockHolders`) never rises along the
         prompt, and a node's depth is one of the few depths where it drops. ``match``:
 
-        1. looks up the holder count of every block of the prompt (one vectorised batch);
+        1. looks up the holder count of each block of the prompt, up to the first block
+           nobody holds;
         2. walks the depths ``d`` where the count drops (and the last held depth), keeping
            the slots that hold block ``d - 1``: read from the block's holder bitmap if it
            is popular, from the XOR of its holders' slots if it has one holder, else by
            probing the pair table for the slots still in the running (few, typically);
         3. a slot's answer is the last depth it survived.
 
-        Typical cost: one batch of ``len(hashes)`` lookups plus a few NumPy passes over
-        ``slots`` per drop; see the class docstring. A prompt whose count drops at more
-        than MATCH_LEVELS depths takes :meth:`_match_search` instead.
+        Steps 1 and 2 are compiled loops (``probe.py``). Typical cost: one holder-table
+        probe per held block of the prompt plus one pass over ``slots`` per drop; see the
+        class docstring. A prompt whose count drops at more than MATCH_LEVELS depths
+        takes :meth:`_match_search` instead.
 
         Exact for prefix-closed sets. If sets have holes, the result ``m`` still has block
         ``m - 1`` held (so it never exceeds the node's deepest held block + 1), but it may
         fall short of the node's leading run when other nodes' holes hide a drop; the
         router then predicts fewer cached tokens, never more than are there.
         """
-        h = np.asarray(hashes, dtype=_U64).reshape(-1)
-        s = np.asarray(slots, dtype=np.int64).reshape(-1)
+        h = np.ascontiguousarray(hashes, dtype=_U64).reshape(-1)
+        s = np.ascontiguousarray(slots, dtype=np.int64).reshape(-1)
         out = np.zeros(s.size, dtype=np.int32)
         n = h.size
         if n == 0 or s.size == 0 or self._live == 0:
@@ -360,28 +363,14 @@ class PrefixIndex:
         count, xor, z = self._holders.lookup_prefix(h)   # z: first block nobody holds
         if z == 0:
             return out
-        ce = np.minimum.accumulate(count[:z])
-        depths = (np.flatnonzero(ce[1:z] < ce[: z - 1]) + 1).tolist()
-        depths.append(z)
+        depths = _probe.drop_depths(count, z)
         if len(depths) > MATCH_LEVELS:
             return self._match_search(h, s)
-        bitmap_of, bits = self._bitmap_of, self._bits
-        alive = None        # positions in s that hold every block walked so far (None: all)
-        for d in depths:
-            b = d - 1
-            c = int(count[b])
-            ss = s if alive is None else s[alive]
-            row = bitmap_of.get(int(h[b])) if c >= 2 else None
-            if row is not None:
-                keep = np.unpackbits(bits[row], bitorder="little").view(bool)[ss]
-            elif c == 1:
-                keep = ss == xor[b]
-            else:
-                keep = self._present(h[b], ss)
-            alive = np.flatnonzero(keep) if alive is None else alive[keep]
-            if alive.size == 0:
-                break
-            out[alive] = d
+        bitmap_of = self._bitmap_of
+        rows = np.array([bitmap_of.get(int(h[d - 1]), -1) if count[d - 1] >= 2 else -1 for d in depths.tolist()],
+                        dtype=np.int64)
+        _probe.walk_depths(h, s, count, xor, depths, rows, self._bits, self._keys, self._slots, _U64(self._bmask),
+                           self._salt, out)
         return out
 
     def __len__(self) -> int:

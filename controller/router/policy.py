@@ -33,6 +33,7 @@ import math
 
 import numpy as np
 
+from kvfleet.controller.router import cost as _cost
 from kvfleet.controller.router.index import PrefixIndex
 from kvfleet.controller.router.nodes import NodeTable, NodeView
 
@@ -168,17 +169,16 @@ def estimated_ttft_s(queued_prefill_tokens: np.ndarray, uncached_tokens: np.ndar
     evicts, which costs later hits, not this request's TTFT; a sequence that cannot fit at
     all is filtered out).
 
-    All arguments but the rate are arrays over the same nodes, with rates > 0
-    (:func:`evaluate` passes every row, with rate 1 for ineligible ones, and sets their
-    cost to ``inf``). This is the one place the formula lives.
+    All arguments but the arrival rate and the weight are arrays over the same nodes (or
+    scalars), with rates > 0. The formula itself is :func:`.cost.ttft_cost`, compiled;
+    this function applies it elementwise, and :func:`evaluate` applies it to the
+    eligible rows of a table in the same compiled pass that filters them.
     """
-    work = queued_prefill_tokens + uncached_tokens
-    step = np.where(decode_step_s > 0, decode_step_s, running / prefill_tokens_per_s)
-    step *= running > 0                     # no running batch: no decode step (and nothing in progress to wait for)
-    steps = np.ceil(work / np.maximum(max_num_batched_tokens - running, 1))
-    steps[max_num_batched_tokens <= 0] = 1.0
-    ttft = work / prefill_tokens_per_s + (steps + 0.5) * step
-    return ttft * (latency_weight + arrivals_per_node_s * uncached_tokens / prefill_tokens_per_s)
+    out = np.broadcast_arrays(*(np.asarray(a, np.float64) for a in (
+        queued_prefill_tokens, uncached_tokens, running, prefill_tokens_per_s, decode_step_s, max_num_batched_tokens)))
+    cost = np.empty(out[0].shape)
+    _cost.ttft_cost_array(*(a.ravel() for a in out), float(arrivals_per_node_s), float(latency_weight), cost.ravel())
+    return cost
 
 
 def queued_now(queued_prefill_tokens: np.ndarray, work_since_s: np.ndarray, prefill_tokens_per_s: np.ndarray,
@@ -189,11 +189,11 @@ def queued_now(queued_prefill_tokens: np.ndarray, work_since_s: np.ndarray, pref
     after an idle report). A node reports its state once per engine step, so a long
     prefill in progress would otherwise count in full until the step ends. Never below 0;
     unchanged where ``work_since_s`` is unknown (inf) or ``now_s`` is not given."""
-    elapsed = now_s - work_since_s
-    if not np.isfinite(elapsed).any():
-        return queued_prefill_tokens
-    drained = np.where(np.isfinite(elapsed), np.maximum(elapsed, 0.0) * prefill_tokens_per_s, 0.0)
-    return np.maximum(queued_prefill_tokens - drained, 0.0)
+    q, since, rate = np.broadcast_arrays(*(np.asarray(a, np.float64) for a in (
+        queued_prefill_tokens, work_since_s, prefill_tokens_per_s)))
+    out = np.empty(q.shape)
+    _cost.queued_now_array(q.ravel(), since.ravel(), rate.ravel(), float(now_s), out.ravel())
+    return out
 
 
 # -- shared filter + evaluation ---------------------------------------------------------------
@@ -202,21 +202,22 @@ class Evaluation:
     orders by. A snapshot: it copies what it keeps, so a table that changes afterwards
     (the fleet's, as state updates arrive) does not change a ranking already made."""
 
-    __slots__ = ("node_ids", "id_rank", "eligible", "cached", "uncached", "queued", "running", "cached_blocks",
-                 "cost_s", "_why", "_block_size", "_need_blocks", "_reasons")
+    __slots__ = ("node_ids", "id_rank", "eligible", "n_eligible", "cached", "uncached", "queued", "running",
+                 "cached_blocks", "cost_s", "_why", "_block_size", "_need_blocks", "_reasons")
 
-    def __init__(self, nodes: NodeTable, eligible: np.ndarray, cached: np.ndarray, uncached: np.ndarray,
-                 cost_s: np.ndarray, block_size: int, need_blocks: int) -> None:
+    def __init__(self, nodes: NodeTable, eligible: np.ndarray, ineligible: np.ndarray, cached: np.ndarray,
+                 uncached: np.ndarray, cost_s: np.ndarray, block_size: int, need_blocks: int) -> None:
         self.node_ids = nodes.node_ids                  # by row (a table replaces, never edits, it)
         self.id_rank = nodes.id_rank                    # rank of each row's node id (ditto)
         self.queued = nodes.queued_prefill_tokens.copy()  # int64, queued prefill tokens
         self.running = nodes.running.copy()             # int64
         self.cached_blocks = nodes.cached_blocks.copy()  # int64
         self.eligible = eligible          # bool
+        self.n_eligible = len(eligible) - len(ineligible)
         self.cached = cached              # int64, predicted cached prompt tokens
         self.uncached = uncached          # int64, prompt tokens to prefill
         self.cost_s = cost_s              # float64, estimated TTFT (inf where ineligible)
-        rows = np.flatnonzero(~eligible)  # what the reasons need, for the ineligible rows only
+        rows = ineligible                 # what the reasons need, for the ineligible rows only
         self._why = (rows, nodes.routable[rows], nodes.block_size[rows], nodes.prefill_tokens_per_s[rows],
                      nodes.num_blocks[rows])
         self._block_size, self._need_blocks = block_size, need_blocks
@@ -239,28 +240,30 @@ def evaluate(request: RouteRequest, nodes: Nodes, index: PrefixIndex) -> Evaluat
     (:func:`estimated_ttft_s` of the queue as :func:`queued_now` estimates it at
     ``request.now_s``; ``inf`` where ineligible).
 
-    O(len(nodes)) NumPy work on the table's columns plus one ``index.match`` over the
-    eligible nodes' slots; no per-node Python.
+    Two compiled passes over the table's columns (:mod:`.cost`) around one
+    ``index.match`` over the eligible nodes' slots; no per-node Python.
     """
     t = as_table(nodes)
     n = len(t)
     bs, prompt = request.block_size, request.prompt_tokens
     need_blocks = -(-(prompt + request.max_tokens) // bs)
-    slot, rate = t.slot, t.prefill_tokens_per_s
-    eligible = t.routable & (t.block_size == bs) & (rate > 0) & (t.num_blocks >= need_blocks)
-    matched = np.zeros(n, dtype=np.int64)
-    lookup = np.flatnonzero(eligible & (slot >= 0))
+    eligible = np.empty(n, np.bool_)
+    lookup, ineligible = _cost.eligible_rows(t.routable, t.block_size, t.prefill_tokens_per_s, t.num_blocks, t.slot,
+                                             bs, need_blocks, eligible)
     if lookup.size and len(request.block_hashes):
-        matched[lookup] = index.match(request.block_hashes, slot[lookup])
-    cached = np.minimum(matched, max(prompt - 1, 0) // bs) * bs
-    uncached = prompt - cached
-    per_node = request.arrival_rate / max(int(np.count_nonzero(eligible)), 1)
-    rate1 = np.where(eligible, rate, 1.0)
-    cost = estimated_ttft_s(queued_now(t.queued_prefill_tokens, t.work_since_s, rate1, request.now_s), uncached,
-                            t.running, rate1, t.decode_step_s, t.max_num_batched_tokens, per_node,
-                            request.latency_weight)
-    cost[~eligible] = np.inf
-    return Evaluation(t, eligible, cached, uncached, cost, bs, need_blocks)
+        matched = np.asarray(index.match(request.block_hashes, t.slot[lookup]), np.int32)
+    else:
+        matched, lookup = _NO_MATCH, _NO_ROWS
+    cached, uncached, cost = np.empty(n, np.int64), np.empty(n, np.int64), np.empty(n)
+    _cost.evaluate_rows(eligible, n - ineligible.size, lookup, matched, bs, prompt, t.queued_prefill_tokens,
+                        t.work_since_s, t.running, t.prefill_tokens_per_s, t.decode_step_s,
+                        t.max_num_batched_tokens, float(request.arrival_rate), float(request.now_s),
+                        float(request.latency_weight), cached, uncached, cost)
+    return Evaluation(t, eligible, ineligible, cached, uncached, cost, bs, need_blocks)
+
+
+_NO_MATCH = np.zeros(0, np.int32)
+_NO_ROWS = np.zeros(0, np.int64)
 
 
 def _ineligible(routable: bool, node_block_size: int, rate: float, num_blocks: int, block_size: int,
@@ -353,19 +356,15 @@ def ranked(ev: Evaluation, *keys: np.ndarray, head: int = HEAD) -> Ranking:
     """The eligible rows of ``ev`` ordered by ``keys`` (columns over all rows; first key
     most significant, ascending), then node id. Only the best ``head`` rows (and rows
     tied with them on the first key) are sorted now; the rest when read."""
-    rows = np.flatnonzero(ev.eligible)
     id_rank = ev.id_rank
 
     def order(r: np.ndarray) -> np.ndarray:
         return r[np.lexsort((id_rank[r], *[k[r] for k in reversed(keys)]))]
 
-    if rows.size <= 4 * head:
-        return Ranking(ev, order(rows))
-    first = keys[0][rows]
-    kth = np.partition(first, head - 1)[head - 1]
-    top = first <= kth
-    tail_rows = rows[~top]
-    return Ranking(ev, order(rows[top]), lambda: order(tail_rows))
+    if ev.n_eligible <= 4 * head:
+        return Ranking(ev, order(np.flatnonzero(ev.eligible)))
+    top, tail_rows = _cost.head_rows(np.asarray(keys[0], np.float64), ev.eligible, head)
+    return Ranking(ev, order(top), lambda: order(tail_rows))
 
 
 def candidates(nodes: Nodes, ev: Evaluation, order: np.ndarray) -> Ranking:

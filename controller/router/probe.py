@@ -1,0 +1,151 @@
+"""Compiled lookups in the prefix index's tables, for ``PrefixIndex.match``.
+
+The tables' layout and the probe sequence are in ``hashtable.py``; these are the same
+reads done in one compiled loop instead of NumPy passes (whose ~1 us per call, times a
+dozen calls, was most of ``match``). Writes stay in NumPy: they are batched already.
+
+All arithmetic on keys is uint64 (Numba, like NumPy, would turn mixed uint64/int64
+arithmetic into float64); positions are int64.
+"""
+
+from __future__ import annotations
+
+import numba
+import numpy as np
+
+from kvfleet.controller.router.hashtable import BUCKET, EMPTY, FIRST_KEY, LOG_BUCKET, MIX_K
+
+_U = np.uint64
+_K = _U(MIX_K)
+_S32 = _U(32)
+_FIRST = _U(FIRST_KEY)
+_EMPTY = _U(EMPTY)
+
+
+@numba.njit(cache=True, nogil=True, inline="always")
+def mix1(block_hash, salt):
+    """``hashtable.mix`` of one hash (uint64 in, uint64 out)."""
+    x = (block_hash ^ salt) * _K
+    x ^= x >> _S32
+    return max(x, _FIRST)
+
+
+@numba.njit(cache=True, nogil=True, inline="always")
+def find_key(keys, bmask, key):
+    """Position of ``key`` in the table ``keys`` (one entry per key), or -1."""
+    b = key & bmask
+    step = _U(0)
+    while True:
+        base = np.int64(b) << LOG_BUCKET
+        ended = False
+        for j in range(BUCKET):
+            k = keys[base + j]
+            if k == key:
+                return base + j
+            if k == _EMPTY:
+                ended = True
+        if ended:
+            return -1
+        step += _U(1)
+        b = (b + step) & bmask
+
+
+@numba.njit(cache=True, nogil=True, inline="always")
+def find_pair(keys, slots, bmask, key, slot):
+    """Position of the (key, slot) entry in the pair table, or -1."""
+    b = key & bmask
+    step = _U(0)
+    while True:
+        base = np.int64(b) << LOG_BUCKET
+        ended = False
+        for j in range(BUCKET):
+            k = keys[base + j]
+            if k == key and slots[base + j] == slot:
+                return base + j
+            if k == _EMPTY:
+                ended = True
+        if ended:
+            return -1
+        step += _U(1)
+        b = (b + step) & bmask
+
+
+@numba.njit(cache=True, nogil=True)
+def holders_prefix(keys, count, xor, bmask, salt, hashes, count_out, xor_out):
+    """Fills the holder count and slot XOR of ``hashes[i]`` for ``i`` before the first
+    block nobody holds, 0 from there on; returns that first block's index (``z``)."""
+    n = hashes.shape[0]
+    z = n
+    for i in range(n):
+        p = find_key(keys, bmask, mix1(hashes[i], salt))
+        if p < 0:
+            z = i
+            break
+        count_out[i] = count[p]
+        xor_out[i] = xor[p]
+    for i in range(z, n):
+        count_out[i] = 0
+        xor_out[i] = 0
+    return z
+
+
+@numba.njit(cache=True, nogil=True)
+def drop_depths(count, z):
+    """The depths ``d`` (1..z) after which the running minimum of ``count`` drops, then
+    ``z``: the only depths a prefix-closed node's match can end at."""
+    out = np.empty(z, np.int64)
+    m = 0
+    low = count[0]
+    for i in range(1, z):
+        if count[i] < low:
+            out[m] = i
+            m += 1
+            low = count[i]
+    out[m] = z
+    return out[: m + 1]
+
+
+@numba.njit(cache=True, nogil=True)
+def walk_depths(hashes, slots, count, xor, depths, bitmap_rows, bits, pair_keys, pair_slots, pair_bmask, salt, out):
+    """``PrefixIndex.match``'s walk: for each depth ``d`` in order, keeps the slots still
+    in the running that hold block ``d - 1`` (from its bitmap row if it has one, from
+    its XOR if it has one holder, else by probing the pair table) and sets their
+    ``out`` to ``d``; stops when none is left."""
+    n = slots.shape[0]
+    alive = np.arange(n)
+    na = n
+    for k in range(depths.shape[0]):
+        d = depths[k]
+        b = d - 1
+        c = count[b]
+        row = bitmap_rows[k]
+        h = hashes[b]
+        m = 0
+        for a in range(na):
+            i = alive[a]
+            s = slots[i]
+            if row >= 0:
+                keep = (bits[row, s >> 3] >> (s & 7)) & 1 == 1
+            elif c == 1:
+                keep = s == xor[b]
+            else:
+                keep = find_pair(pair_keys, pair_slots, pair_bmask, mix1(h, salt[s]), s) >= 0
+            if keep:
+                alive[m] = i
+                m += 1
+                out[i] = d
+        na = m
+        if na == 0:
+            break
+
+
+def warm_up() -> None:
+    """Compiles (or loads from Numba's cache) the kernels with the index's dtypes."""
+    keys = np.zeros(8, _U)
+    c16 = np.zeros(8, np.uint16)
+    h = np.ones(1, _U)
+    cnt, xr = np.zeros(1, np.int64), np.zeros(1, np.int64)
+    holders_prefix(keys, c16, c16, _U(0), _U(1), h, cnt, xr)
+    drop_depths(np.ones(2, np.int64), 2)
+    walk_depths(h, np.zeros(1, np.int64), np.ones(1, np.int64), xr, np.ones(1, np.int64), np.full(1, -1, np.int64),
+                np.zeros((1, 1), np.uint8), keys, c16, _U(0), np.zeros(1, _U), np.zeros(1, np.int32))
