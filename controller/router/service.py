@@ -73,6 +73,18 @@ class Prepared:
     max_queue_s: float = 0.0     # the request's limit on its wait in the admission queue (0: the tier's)
 
 
+@dataclass(slots=True)
+class Relayed:
+    """How far a request got: the node whose stream reached the client (None before a
+    first token), its attempt number, the completion tokens relayed, and whether a Usage
+    was billed."""
+
+    cand: Candidate | None = None
+    attempts: int = 0
+    completion: int = 0
+    billed: bool = False
+
+
 @dataclass(frozen=True, slots=True)
 class Ranked:
     candidates: list[Candidate]
@@ -216,6 +228,7 @@ class RouterService(pbg.InferenceServicer):
             await self._abort(context, exc)
         ticket = None
         admitted = False
+        relayed = Relayed()
         try:
             ticket = await self.quotas.admit(principal, p.tier, len(p.tokens), p.max_tokens)
             try:
@@ -227,11 +240,12 @@ class RouterService(pbg.InferenceServicer):
                 ticket = None
                 raise
             admitted = True
-            async for msg in self._generate(p, request, context, avoid):
+            async for msg in self._generate(p, request, context, avoid, relayed):
                 if msg.HasField("usage"):
                     u = msg.usage
                     ticket.done(u.prompt_tokens, u.completion_tokens)
                     ticket = None
+                    relayed.billed = True
                     await self.usage.record(self._record(p, u))
                 yield msg
             REQUESTS.labels(p.model, "ok").inc()
@@ -245,7 +259,21 @@ class RouterService(pbg.InferenceServicer):
             if admitted:
                 self.admission.leave(p)
             if ticket is not None:
-                ticket.done(len(p.tokens), 0)
+                ticket.done(len(p.tokens), relayed.completion)
+            if relayed.cand is not None and not relayed.billed:
+                await self._bill_unfinished(p, relayed)
+
+    async def _bill_unfinished(self, p: Prepared, relayed: Relayed) -> None:
+        """Bills a request that ended after its first token without a Usage (the client
+        cancelled, or its node failed mid-stream): its prompt, the router's predicted
+        cached tokens (the engine's count never came), and the tokens relayed to the
+        client, with finish reason ``abort``. A client that retries with the same request
+        id is billed once, for the attempt it received (the later record wins)."""
+        u = self._usage(p, relayed.cand, relayed.completion, None, "abort", relayed.attempts).usage
+        try:
+            await self.usage.record(self._record(p, u))
+        except (Exception, asyncio.CancelledError) as exc:   # the client is gone: nobody to tell
+            log.warning("router: usage of unfinished request %s not recorded: %s", p.request_id, exc)
 
     @staticmethod
     async def _abort(context: grpc.aio.ServicerContext, exc: RequestError):
@@ -269,7 +297,8 @@ class RouterService(pbg.InferenceServicer):
             rem = own if rem is None else min(rem, own)
         return rem
 
-    async def _generate(self, p: Prepared, request: pb.GenerateRequest, context, avoid=frozenset()):
+    async def _generate(self, p: Prepared, request: pb.GenerateRequest, context, avoid=frozenset(),
+                        relayed: Relayed | None = None):
         t_start = time.monotonic()
         tried: set[str] = set()
         attempts = 0
@@ -334,7 +363,9 @@ class RouterService(pbg.InferenceServicer):
                 if bs is not None:
                     self.fleet.learn(cand.node_id, p.model, ranked.hashes[bs])
                 TTFT.labels(p.model).observe(time.monotonic() - t_start)
-                async for msg in self._relay(p, request, call, first, cand, attempts):
+                if relayed is not None:
+                    relayed.cand, relayed.attempts = cand, attempts
+                async for msg in self._relay(p, request, call, first, cand, attempts, relayed):
                     yield msg
                 return
             finally:
@@ -343,7 +374,8 @@ class RouterService(pbg.InferenceServicer):
         raise RequestError(grpc.StatusCode.UNAVAILABLE,
                            f"no node could serve {p.model!r} after {attempts} attempt(s): {last_error}")
 
-    async def _relay(self, p: Prepared, request: pb.GenerateRequest, call, first, cand: Candidate, attempts: int):
+    async def _relay(self, p: Prepared, request: pb.GenerateRequest, call, first, cand: Candidate, attempts: int,
+                     relayed: Relayed | None = None):
         detok = IncrementalDetokenizer(p.tokenizer)
         stops = StopMatcher(list(request.sampling.stop))
         completion = 0
@@ -357,6 +389,8 @@ class RouterService(pbg.InferenceServicer):
                 completion += len(ids)
                 text, stopped = stops.feed(detok.push(ids))
                 yield pb.GenerateResponse(chunk=pb.TokenChunk(token_ids=ids, text=text))
+                if relayed is not None:
+                    relayed.completion = completion   # after the yield: what the client was given
                 if stopped:
                     call.cancel()
                     yield self._usage(p, cand, completion, None, "stop", attempts)

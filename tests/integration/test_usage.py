@@ -258,6 +258,59 @@ def test_savings_are_exact_for_a_known_cache_hit_rate(acct):
     assert Decimal(rows["flex"]["savings"]) / (64 * n) < Decimal(rows["default"]["savings"]) / (64 * (n - 1))
 
 
+def stream_then_stop(target: str, req: ipb.GenerateRequest, chunks: int, stop) -> tuple[int, grpc.RpcError | None]:
+    """Reads ``chunks`` token chunks, calls ``stop(call)``, then reads on until the stream
+    ends; returns (tokens the client read, the error that ended the stream, if any)."""
+    read = 0
+    with grpc.insecure_channel(target) as ch:
+        call = ipbg.InferenceStub(ch).Generate(req, timeout=60)
+        try:
+            for i, msg in enumerate(call):
+                assert not msg.HasField("usage"), "the stream finished before it was stopped"
+                read += len(msg.chunk.token_ids)
+                if i + 1 == chunks:
+                    stop(call)
+        except grpc.RpcError as exc:
+            return read, exc
+    return read, None
+
+
+def billed(c, tenant: str) -> dict:
+    """The tenant's ledger totals, once its one request is in the ledger."""
+    return wait_for(lambda: (r := usage_json(c, "--tenant", tenant)["total"])["requests"] == 1 and r, 15,
+                    what=f"{tenant}'s request in the ledger")
+
+
+def test_a_stream_the_client_cancels_is_billed_for_the_tokens_relayed(acct):
+    prompt = text(5150, 40)
+    req = ipb.GenerateRequest(model="kvfleet-sim", text=prompt, tenant="quitter", request_id="cancelled-1")
+    req.sampling.max_tokens = 400          # ~4 s of tokens: cancelled long before the end
+    read, err = stream_then_stop(acct.router, req, 5, lambda call: call.cancel())
+    assert err is not None and err.code() == grpc.StatusCode.CANCELLED and read >= 5
+    total = billed(acct, "quitter")
+    ref = ipb.GenerateRequest(model="kvfleet-sim", text=prompt, tenant="quitter-ref", request_id="reference-1")
+    ref.sampling.max_tokens = 1
+    assert total["prompt_tokens"] == send(acct.router, ref).prompt_tokens
+    # What the router wrote to the stream: at least what the client read, far from all 400.
+    assert read <= total["completion_tokens"] < 200, (read, total)
+    assert Decimal(total["cost"]) > 0
+
+
+def test_a_stream_whose_node_dies_mid_way_is_billed_for_the_tokens_relayed(tmp_path):
+    c = start_cluster(tmp_path, 1)
+    try:
+        (node,) = c.nodes
+        req = ipb.GenerateRequest(model="kvfleet-sim", text=text(5151, 40), tenant="orphan", request_id="orphaned-1")
+        req.sampling.max_tokens = 400
+        read, err = stream_then_stop(c.router, req, 5, lambda call: c.nodes[node].stop(signal.SIGKILL))
+        assert err is not None and err.code() == grpc.StatusCode.UNAVAILABLE and "mid-stream" in err.details()
+        total = billed(c, "orphan")
+        # The client read every token the router relayed before the node's stream broke.
+        assert total["completion_tokens"] == read and total["prompt_tokens"] > 0
+    finally:
+        c.stop()
+
+
 def test_usage_cli_rejects_bad_times_naming_the_flag(acct):
     r = acct.cli("usage", "--since", "bogus")
     assert r.returncode != 0 and "--since" in r.stderr and "bogus" in r.stderr
