@@ -26,6 +26,7 @@ Policies register by name in :data:`POLICIES`; :func:`get_policy` builds one.
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Callable, Iterator, Protocol, Sequence, overload
 
@@ -38,7 +39,7 @@ from kvfleet.controller.router.index import PrefixIndex
 from kvfleet.controller.router.nodes import NodeTable, NodeView
 
 __all__ = [
-    "POLICIES", "ArrivalRate", "Candidate", "Evaluation", "NodeTable", "NodeView", "Policy", "Ranking", "RouteRequest",
+    "POLICIES", "ArrivalRate", "Candidate", "PrefixRates", "Evaluation", "NodeTable", "NodeView", "Policy", "Ranking", "RouteRequest",
     "as_table", "candidates", "estimated_ttft_s", "evaluate", "get_policy", "predicted_cached_tokens", "queued_now",
     "register",
 ]
@@ -61,6 +62,8 @@ class RouteRequest:
     latency_weight: float = 1.0   # what a second of this request's own TTFT is worth against a second of
                                   # delay to others (1: interactive; lower for flex and batch, which pay
                                   # less for latency, so their cost leans further towards cache affinity)
+    shared_rates: PrefixRates | None = None  # the router's rates of requests by deepest cached block (None: not
+                                             # kept; then every arrival counts in the delay term)
 
 
 class ArrivalRate:
@@ -89,6 +92,41 @@ class ArrivalRate:
         if self._t is None:
             return 0.0
         return self._rate * math.exp(-max(now - self._t, 0.0) / self.tau_s)
+
+
+class PrefixRates:
+    """Arrival rates of recent requests, by the deepest block of their prompt that some
+    node held when they were routed (:attr:`Ranking.prefix_key`): how many requests per
+    second share that cached prefix. One :class:`ArrivalRate` per block, the
+    ``max_entries`` most recently used kept (a burst's prefix is always recent).
+
+    The cost's delay term leaves these requests out of the traffic a recomputation
+    delays (see :func:`evaluate`)."""
+
+    __slots__ = ("tau_s", "max_entries", "_rates")
+
+    def __init__(self, tau_s: float = 5.0, max_entries: int = 65_536) -> None:
+        self.tau_s, self.max_entries = tau_s, max_entries
+        self._rates: OrderedDict[int, ArrivalRate] = OrderedDict()
+
+    def peek(self, block_hash: int, now: float) -> float:
+        """Requests/s recently routed with ``block_hash`` as their deepest cached block."""
+        r = self._rates.get(block_hash)
+        return 0.0 if r is None else r.peek(now)
+
+    def arrive(self, block_hash: int, now: float) -> None:
+        """Counts one request routed at ``now`` whose deepest cached block was ``block_hash``."""
+        r = self._rates.get(block_hash)
+        if r is None:
+            r = self._rates[block_hash] = ArrivalRate(self.tau_s)
+            if len(self._rates) > self.max_entries:
+                self._rates.popitem(last=False)
+        else:
+            self._rates.move_to_end(block_hash)
+        r.arrive(now)
+
+    def __len__(self) -> int:
+        return len(self._rates)
 
 
 @dataclass(frozen=True, slots=True)
@@ -203,10 +241,11 @@ class Evaluation:
     (the fleet's, as state updates arrive) does not change a ranking already made."""
 
     __slots__ = ("node_ids", "id_rank", "eligible", "n_eligible", "cached", "uncached", "queued", "running",
-                 "cached_blocks", "cost_s", "_why", "_block_size", "_need_blocks", "_reasons")
+                 "cached_blocks", "cost_s", "prefix_key", "_why", "_block_size", "_need_blocks", "_reasons")
 
     def __init__(self, nodes: NodeTable, eligible: np.ndarray, ineligible: np.ndarray, cached: np.ndarray,
-                 uncached: np.ndarray, cost_s: np.ndarray, block_size: int, need_blocks: int) -> None:
+                 uncached: np.ndarray, cost_s: np.ndarray, block_size: int, need_blocks: int,
+                 prefix_key: int = 0) -> None:
         self.node_ids = nodes.node_ids                  # by row (a table replaces, never edits, it)
         self.id_rank = nodes.id_rank                    # rank of each row's node id (ditto)
         self.queued = nodes.queued_prefill_tokens.copy()  # int64, queued prefill tokens
@@ -217,6 +256,7 @@ class Evaluation:
         self.cached = cached              # int64, predicted cached prompt tokens
         self.uncached = uncached          # int64, prompt tokens to prefill
         self.cost_s = cost_s              # float64, estimated TTFT (inf where ineligible)
+        self.prefix_key = prefix_key      # hash of the prompt's deepest block an eligible node holds (0: none)
         rows = ineligible                 # what the reasons need, for the ineligible rows only
         self._why = (rows, nodes.routable[rows], nodes.block_size[rows], nodes.prefill_tokens_per_s[rows],
                      nodes.num_blocks[rows])
@@ -240,6 +280,11 @@ def evaluate(request: RouteRequest, nodes: Nodes, index: PrefixIndex) -> Evaluat
     (:func:`estimated_ttft_s` of the queue as :func:`queued_now` estimates it at
     ``request.now_s``; ``inf`` where ineligible).
 
+    The arrival rate in the delay term is the request's, less the rate of earlier
+    requests whose deepest cached block was this prompt's (``request.shared_rates``): those
+    would go to a node that recomputes the prefix for the hit, so its recomputation does
+    not delay them (docs/routing.md, "Bursts on one prefix").
+
     Two compiled passes over the table's columns (:mod:`.cost`) around one
     ``index.match`` over the eligible nodes' slots; no per-node Python.
     """
@@ -250,16 +295,26 @@ def evaluate(request: RouteRequest, nodes: Nodes, index: PrefixIndex) -> Evaluat
     eligible = np.empty(n, np.bool_)
     lookup, ineligible = _cost.eligible_rows(t.routable, t.block_size, t.prefill_tokens_per_s, t.num_blocks, t.slot,
                                              bs, need_blocks, eligible)
+    arrival_rate, prefix_key = request.arrival_rate, 0
     if lookup.size and len(request.block_hashes):
         matched = np.asarray(index.match(request.block_hashes, t.slot[lookup]), np.int32)
+        deepest = int(matched.max())
+        if deepest > 0:
+            # Requests that share this prompt's deepest cached prefix are not delayed by a
+            # node recomputing it: they would go to that node for the hit. Left out of the
+            # delay term, a burst on one prefix stops charging its own future arrivals to
+            # every miss, and spills once waiting costs more than recomputing.
+            prefix_key = int(request.block_hashes[deepest - 1])
+            if request.shared_rates is not None:
+                arrival_rate = max(arrival_rate - request.shared_rates.peek(prefix_key, request.now_s), 0.0)
     else:
         matched, lookup = _NO_MATCH, _NO_ROWS
     cached, uncached, cost = np.empty(n, np.int64), np.empty(n, np.int64), np.empty(n)
     _cost.evaluate_rows(eligible, n - ineligible.size, lookup, matched, bs, prompt, t.queued_prefill_tokens,
                         t.work_since_s, t.running, t.prefill_tokens_per_s, t.decode_step_s,
-                        t.max_num_batched_tokens, float(request.arrival_rate), float(request.now_s),
+                        t.max_num_batched_tokens, float(arrival_rate), float(request.now_s),
                         float(request.latency_weight), cached, uncached, cost)
-    return Evaluation(t, eligible, ineligible, cached, uncached, cost, bs, need_blocks)
+    return Evaluation(t, eligible, ineligible, cached, uncached, cost, bs, need_blocks, prefix_key)
 
 
 _NO_MATCH = np.zeros(0, np.int32)
@@ -320,6 +375,12 @@ class Ranking(Sequence[Candidate]):
 
     def __len__(self) -> int:
         return len(self._ev.eligible)
+
+    @property
+    def prefix_key(self) -> int:
+        """Hash of the prompt's deepest block an eligible node holds (0: none); the router
+        counts the request under it in its :class:`PrefixRates`."""
+        return self._ev.prefix_key
 
     @overload
     def __getitem__(self, i: int) -> Candidate: ...

@@ -24,7 +24,7 @@ from kvfleet.controller.router.admission import OpenAdmission
 from kvfleet.controller.router.auth import OpenAuth, Principal
 from kvfleet.controller.router.errors import RequestError
 from kvfleet.controller.router.fleet import Fleet
-from kvfleet.controller.router.policy import ArrivalRate, Candidate, RouteRequest, get_policy
+from kvfleet.controller.router.policy import ArrivalRate, Candidate, PrefixRates, RouteRequest, get_policy
 from kvfleet.controller.router.stops import StopMatcher
 from kvfleet.controller.router.quota import Unlimited
 from kvfleet.controller.router.tokenizers import TokenizerCache, TokenizerUnavailable
@@ -92,6 +92,7 @@ class Ranked:
     hashes: dict[int, np.ndarray]   # block size -> the prompt's canonical block hashes
     hash_us: float
     decide_us: float
+    prefix_keys: list[int]          # each block size's deepest cached block of the prompt (policy.PrefixRates)
 
 
 class RouterService(pbg.InferenceServicer):
@@ -109,6 +110,7 @@ class RouterService(pbg.InferenceServicer):
         self.first_token_timeout_s = first_token_timeout_s
         self.max_attempts = max_attempts
         self._arrivals: dict[str, ArrivalRate] = {}   # model -> rate of Generate calls routed for it
+        self._shared_rates: dict[str, PrefixRates] = {}   # model -> rates by deepest cached block
 
     # -- validation and tokenisation -------------------------------------------------------------
     def authenticate(self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext) -> Principal:
@@ -196,6 +198,7 @@ class RouterService(pbg.InferenceServicer):
         hash_s = decide_s = 0.0
         out = []   # the policy's ranking (list-like) for one block size; a merged list for several
         all_hashes: dict[int, np.ndarray] = {}
+        prefix_keys: list[int] = []
         tokens = np.asarray(p.tokens, dtype=np.uint32)
         for bs in sizes:
             group = table if len(sizes) == 1 else table.take(np.flatnonzero(table.block_size == bs))
@@ -206,7 +209,10 @@ class RouterService(pbg.InferenceServicer):
             index = self.fleet.index.get_or_create(p.model, bs)
             ranking = self.policy.rank(
                 RouteRequest(hashes, len(p.tokens), bs, p.max_tokens, p.arrival_rate, time.monotonic(),
-                             LATENCY_WEIGHT.get(p.tier, 1.0)), group, index)
+                             LATENCY_WEIGHT.get(p.tier, 1.0), self._shared_rates.setdefault(p.model, PrefixRates())),
+                group, index)
+            if getattr(ranking, "prefix_key", 0):
+                prefix_keys.append(ranking.prefix_key)
             out = ranking if len(sizes) == 1 else [*out, *ranking]
             decide_s += time.perf_counter() - t1
             hash_s += t1 - t0
@@ -214,7 +220,7 @@ class RouterService(pbg.InferenceServicer):
             out.sort(key=lambda c: (not c.eligible, c.cost_s))  # type: ignore[attr-defined]
         DECIDE.labels(p.model).observe(hash_s + decide_s + p.tokenize_us / 1e6)
         block_size = dict(zip(table.node_ids, table.block_size.tolist()))
-        return Ranked(out, block_size, all_hashes, hash_s * 1e6, decide_s * 1e6)  # type: ignore[arg-type]
+        return Ranked(out, block_size, all_hashes, hash_s * 1e6, decide_s * 1e6, prefix_keys)  # type: ignore[arg-type]
 
     # -- Generate ------------------------------------------------------------------------------
     async def Generate(self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext):
@@ -314,6 +320,12 @@ class RouterService(pbg.InferenceServicer):
                 cand = next((c for c in ranked.candidates if c.eligible), None)
             if cand is None:
                 break
+            if not attempts:
+                # Counted once per request, at its first placement.
+                rates = self._shared_rates.setdefault(p.model, PrefixRates())
+                now = time.monotonic()
+                for key in ranked.prefix_keys:
+                    rates.arrive(key, now)
             attempts += 1
             tried.add(cand.node_id)
             conn = self.fleet.nodes.get(cand.node_id)

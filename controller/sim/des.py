@@ -48,7 +48,7 @@ from typing import Iterable, Iterator
 import numpy as np
 
 from kvfleet.controller.router.index import PrefixIndex
-from kvfleet.controller.router.policy import ArrivalRate, NodeTable, NodeView, RouteRequest, get_policy
+from kvfleet.controller.router.policy import ArrivalRate, NodeTable, NodeView, PrefixRates, RouteRequest, get_policy
 from kvfleet.controller.sim.workloads import TraceRequest
 from kvfleet.hashing import block_hashes
 from kvfleet.node_agent.block_tracker import BlockTracker
@@ -288,6 +288,7 @@ def _simulate(workload: Iterable[TraceRequest], policy: str, config: SimConfig, 
     arrivals: Iterator[TraceRequest] = iter(workload)
     table = fleet_table(fleet, config)
     arrival_rate = ArrivalRate()            # the router's arrival rate, as production measures it
+    shared_rates = PrefixRates()            # and its rates by deepest cached block (policy.PrefixRates)
     stale: set[int] = set()                 # nodes whose row in ``table`` is out of date
     unapplied: set[int] = set()             # nodes with KV events not yet in the index
 
@@ -353,10 +354,13 @@ def _simulate(workload: Iterable[TraceRequest], policy: str, config: SimConfig, 
             first_arrival = now if first_arrival is None else first_arrival
             rid = f"r{len(results)}"
             n_prompt = len(r.prompt)
-            req = RouteRequest(block_hashes(r.prompt, bs), n_prompt, bs, r.output_tokens, arrival_rate.arrive(now), now)
+            req = RouteRequest(block_hashes(r.prompt, bs), n_prompt, bs, r.output_tokens, arrival_rate.arrive(now), now,
+                               shared_rates=shared_rates)
             if unapplied:
                 apply_kv()
             ranked = pol.rank(req, node_views(fleet, index, table, stale), index)
+            if getattr(ranked, "prefix_key", 0):
+                shared_rates.arrive(ranked.prefix_key, now)
             if not ranked or not ranked[0].eligible:
                 raise ValueError(f"request {rid} ({n_prompt} prompt tokens) fits no node")
             i = by_id[ranked[0].node_id]

@@ -13,6 +13,7 @@ import pytest
 from kvfleet.controller.router.index import PrefixIndex
 from kvfleet.controller.router.policy import (
     POLICIES,
+    PrefixRates,
     ArrivalRate,
     queued_now,
     Candidate,
@@ -485,3 +486,54 @@ def test_a_lower_latency_weight_trades_more_load_for_cache_affinity():
         RouteRequest(hashes, 64 * BS, BS, 16, arrival_rate=1.0, latency_weight=w), nodes, idx)[0].node_id
     assert pick(1.0) == "b"
     assert pick(0.5) == "a"
+
+
+def burst_until_first_spill(rate: float, shared: bool, limit: int = 3000) -> int:
+    """Requests the holder of a 1,024-token prefix takes, in a burst on that prefix at
+    ``rate`` requests/s, before the router sends one elsewhere (3 nodes at 1,000 prefill
+    tokens/s, 1,040-token prompts; each pick adds its uncached tokens to that node's queue).
+    ``shared``: the router keeps PrefixRates, as the service and the simulator do."""
+    idx = PrefixIndex()
+    nodes = fleet(idx, ["a", "b", "c"])
+    h = chain(4, 65)
+    idx.store(nodes[0].slot, h[:64])
+    nodes[0] = dataclasses.replace(nodes[0], cached_blocks=64)
+    arrivals, prefixes = ArrivalRate(), PrefixRates()
+    policy = get_policy("kvfleet")
+    for k in range(limit):
+        now = k / rate if rate else 0.0
+        req = dataclasses.replace(request(h, 1040), arrival_rate=arrivals.arrive(now) if rate else 0.0, now_s=now,
+                                  shared_rates=prefixes if shared else None)
+        ranking = policy.rank(req, nodes, idx)
+        best = ranking[0]
+        if best.node_id != "a":
+            return k
+        prefixes.arrive(ranking.prefix_key, now)
+        nodes = send(nodes, best)
+    return limit
+
+
+@pytest.mark.parametrize("rate", [0.0, 10.0, 100.0, 1000.0])
+def test_a_burst_on_one_prefix_spills_when_waiting_costs_more_than_recomputing_at_any_traffic(rate):
+    # Recomputing elsewhere wins on TTFT alone after 64 requests (the test above). The
+    # burst's earlier arrivals share the prefix, so they do not count as traffic a
+    # recomputation would delay (only the request itself does, 1 / tau = 0.2 /s), and the
+    # holder spills there, 64 to 69 requests, at any arrival rate (without: 276 at 10 /s).
+    assert 64 <= burst_until_first_spill(rate, shared=True) <= 70
+
+
+def test_without_prefix_rates_a_heavy_burst_piles_onto_the_holder():
+    # The failure mode the prefix rates fix (docs/routing.md): every arrival counted as
+    # traffic a miss delays, the holder's queue grows to many times a recomputation.
+    assert burst_until_first_spill(100.0, shared=False) > 1000
+
+
+def test_prefix_rates_count_recent_requests_per_block_and_forget_the_least_recent():
+    r = PrefixRates(tau_s=5.0, max_entries=2)
+    for k in range(50):
+        r.arrive(7, k * 0.1)                      # 10 requests/s for 5 s
+    assert r.peek(7, 4.9) == pytest.approx(10 * (1 - math.exp(-5.0 / 5.0)), rel=0.05)
+    assert r.peek(8, 4.9) == 0.0
+    r.arrive(8, 5.0)
+    r.arrive(9, 5.0)                              # a third key: 7, the least recent, goes
+    assert len(r) == 2 and r.peek(7, 5.0) == 0.0 and r.peek(9, 5.0) > 0
