@@ -142,6 +142,8 @@ class NodeAgent:
         for t in self._tasks:
             t.cancel()
         self.publisher.close()
+        if self.service is not None:
+            self.service.close()
         if self.server is not None:
             await self.server.stop(grace)
         for e in self.engines.values():

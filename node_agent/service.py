@@ -51,6 +51,14 @@ def load_pb(u: Update) -> cpb.LoadSignals:
     )
 
 
+class StreamFailed(Exception):
+    """A request ends with this status instead of a final message."""
+
+    def __init__(self, code: grpc.StatusCode, message: str) -> None:
+        super().__init__(message)
+        self.code, self.message = code, message
+
+
 class NodeAgentService(pbg.NodeAgentServicer):
     def __init__(self, node_id_fn, engines: dict[str, Engine], publisher: StatePublisher) -> None:
         self._node_id = node_id_fn
@@ -58,13 +66,102 @@ class NodeAgentService(pbg.NodeAgentServicer):
         self.publisher = publisher
         self.inflight = 0
         self._block_sizes = {m: e.info.block_size for m, e in engines.items()}
+        self.closing = False
+        self._serving: set[asyncio.Event] = set()   # wakes open Serve streams on close()
 
     async def Generate(self, request: pb.NodeGenerateRequest, context: grpc.aio.ServicerContext):
+        """One request per call (the CLI, benchmarks calling a node directly); routers use Serve."""
+        if self.closing:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, "node is shutting down")
+        try:
+            async for resp in self._outputs(request):
+                yield resp
+        except StreamFailed as exc:
+            await context.abort(exc.code, exc.message)
+
+    async def Serve(self, request_iterator, context: grpc.aio.ServicerContext):
+        """Many requests over one stream (see node.proto). Outputs of every request go to one
+        list; each message sent carries all that is ready, so the per-message cost of gRPC is
+        paid per engine step, not per token and request."""
+        ready: list[pb.StreamItem] = []
+        wake = asyncio.Event()
+        tasks: dict[int, asyncio.Task] = {}
+        reading = True
+
+        def emit(item: pb.StreamItem) -> None:
+            ready.append(item)
+            wake.set()
+
+        async def run(stream: int, request: pb.NodeGenerateRequest) -> None:
+            try:
+                async for resp in self._outputs(request):
+                    if resp.HasField("tokens"):
+                        emit(pb.StreamItem(stream=stream, tokens=resp.tokens))
+                    else:
+                        emit(pb.StreamItem(stream=stream, final=resp.final))
+            except StreamFailed as exc:
+                emit(pb.StreamItem(stream=stream, error=pb.StreamError(code=exc.code.value[0], message=exc.message)))
+            except Exception as exc:   # a bug here must end this request, not the stream
+                log.exception("node: request %s failed", request.request_id)
+                emit(pb.StreamItem(stream=stream, error=pb.StreamError(
+                    code=grpc.StatusCode.INTERNAL.value[0], message=f"node agent error: {exc}")))
+            finally:
+                tasks.pop(stream, None)
+                wake.set()
+
+        async def read() -> None:
+            nonlocal reading
+            try:
+                async for msg in request_iterator:
+                    kind = msg.WhichOneof("kind")
+                    if kind == "start":
+                        if msg.stream in tasks:
+                            emit(pb.StreamItem(stream=msg.stream, error=pb.StreamError(
+                                code=grpc.StatusCode.INVALID_ARGUMENT.value[0], message=f"stream {msg.stream} is already running")))
+                        elif self.closing:
+                            emit(pb.StreamItem(stream=msg.stream, error=pb.StreamError(
+                                code=grpc.StatusCode.UNAVAILABLE.value[0], message="node is shutting down")))
+                        else:
+                            tasks[msg.stream] = asyncio.create_task(run(msg.stream, msg.start))
+                    elif kind == "cancel":
+                        if (t := tasks.get(msg.stream)) is not None:
+                            t.cancel()
+            finally:
+                reading = False
+                wake.set()
+
+        reader = asyncio.create_task(read())
+        self._serving.add(wake)
+        try:
+            while True:
+                if ready:
+                    batch, ready[:] = list(ready), []
+                    yield pb.ServeResponse(items=batch)
+                    continue
+                if not tasks and (not reading or self.closing):
+                    return
+                await wake.wait()
+                wake.clear()
+        finally:
+            self._serving.discard(wake)
+            reader.cancel()
+            for t in list(tasks.values()):
+                t.cancel()
+            await asyncio.gather(reader, *tasks.values(), return_exceptions=True)
+
+    def close(self) -> None:
+        """Shutting down: refuse new requests; Serve streams end once their requests have."""
+        self.closing = True
+        for wake in self._serving:
+            wake.set()
+
+    async def _outputs(self, request: pb.NodeGenerateRequest):
+        """What one request streams; raises StreamFailed with the status it ends with."""
         engine = self.engines.get(request.model)
         if engine is None:
-            await context.abort(grpc.StatusCode.NOT_FOUND, f"model {request.model!r} is not served by this node")
+            raise StreamFailed(grpc.StatusCode.NOT_FOUND, f"model {request.model!r} is not served by this node")
         if not engine.ready:
-            await context.abort(grpc.StatusCode.UNAVAILABLE, f"engine for {request.model!r} is not ready")
+            raise StreamFailed(grpc.StatusCode.UNAVAILABLE, f"engine for {request.model!r} is not ready")
         s = request.sampling
         ereq = EngineRequest(
             request_id=request.request_id, prompt_token_ids=list(request.prompt_token_ids),
@@ -89,10 +186,10 @@ class NodeAgentService(pbg.NodeAgentServicer):
                 out = await first
             except EngineUnavailable as exc:
                 outcome = "unavailable"
-                await context.abort(grpc.StatusCode.UNAVAILABLE, str(exc))
+                raise StreamFailed(grpc.StatusCode.UNAVAILABLE, str(exc)) from exc
             except EngineError as exc:
                 outcome = "invalid"
-                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+                raise StreamFailed(grpc.StatusCode.INVALID_ARGUMENT, str(exc)) from exc
             while True:
                 if out.num_cached_tokens is not None:
                     cached = out.num_cached_tokens
@@ -110,10 +207,10 @@ class NodeAgentService(pbg.NodeAgentServicer):
                     out = await outputs.__anext__()
                 except EngineError as exc:
                     outcome = "error"
-                    await context.abort(grpc.StatusCode.UNAVAILABLE, f"engine failed mid-stream: {exc}")
+                    raise StreamFailed(grpc.StatusCode.UNAVAILABLE, f"engine failed mid-stream: {exc}") from exc
                 except StopAsyncIteration:
                     outcome = "error"
-                    await context.abort(grpc.StatusCode.INTERNAL, "engine stream ended without a final output")
+                    raise StreamFailed(grpc.StatusCode.INTERNAL, "engine stream ended without a final output") from None
         finally:
             if not first.done():
                 first.cancel()

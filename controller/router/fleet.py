@@ -19,6 +19,7 @@ import numpy as np
 
 from kvfleet.controller.registry import AdminEntry, ModelEntry, NodeEntry, Registry
 from kvfleet.controller.router.index import FleetIndex
+from kvfleet.controller.router.mux import NodeMux, NodeStream
 from kvfleet.controller.router.nodes import NodeTable, NodeView
 from kvfleet.v1 import node_pb2 as npb
 from kvfleet.v1 import node_pb2_grpc as npbg
@@ -83,6 +84,14 @@ class NodeConn:
     updated_at: float = 0.0        # monotonic time of the last state update
     approx: dict[str, ApproxCache] = field(default_factory=dict)  # model -> learned cache (no KV events)
     task: asyncio.Task | None = None
+    mux: NodeMux | None = None     # this router's requests to the node (see mux.py)
+
+    def stream(self, request: npb.NodeGenerateRequest) -> NodeStream:
+        """Sends ``request`` on the node's Serve stream, opening one if there is none or
+        the last one failed."""
+        if self.mux is None or self.mux.closed:
+            self.mux = NodeMux(self.stub, self.entry.node_id)
+        return self.mux.start(request)
 
     @property
     def routable(self) -> bool:
@@ -182,6 +191,8 @@ class Fleet:
             return
         if conn.task is not None:
             conn.task.cancel()
+        if conn.mux is not None:
+            asyncio.create_task(conn.mux.close())
         if conn.channel is not None:
             asyncio.create_task(conn.channel.close())
         self.index.remove_node(node_id)

@@ -24,6 +24,7 @@ from kvfleet.controller.router.admission import OpenAdmission
 from kvfleet.controller.router.auth import OpenAuth, Principal
 from kvfleet.controller.router.errors import RequestError
 from kvfleet.controller.router.fleet import Fleet
+from kvfleet.controller.router.mux import NodeStream, StreamError
 from kvfleet.controller.router.policy import ArrivalRate, Candidate, PrefixRates, RouteRequest, get_policy
 from kvfleet.controller.router.stops import StopMatcher
 from kvfleet.controller.router.quota import Unlimited
@@ -50,6 +51,7 @@ DECIDE = Histogram("kvfleet_router_decision_seconds", "Tokenise + hash + policy 
 # Flex and batch pay less for latency: their cost leans towards cache affinity (policy.RouteRequest).
 LATENCY_WEIGHT = {cpb.TIER_FLEX: 0.5, cpb.TIER_BATCH: 0.25}
 FINISH = {"length": cpb.FINISH_REASON_LENGTH, "stop": cpb.FINISH_REASON_STOP, "abort": cpb.FINISH_REASON_ABORT}
+FINISH_NAME = {v: k for k, v in FINISH.items()}
 RETRYABLE = {
     grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.INTERNAL,
     grpc.StatusCode.UNKNOWN, grpc.StatusCode.CANCELLED, grpc.StatusCode.RESOURCE_EXHAUSTED,
@@ -342,15 +344,23 @@ class RouterService(pbg.InferenceServicer):
             )
             self.fleet.add_pending(cand.node_id, node_req.request_id, cand.uncached_tokens)
             self.admission.sent(p)   # the tier queue may now check the next request against this node
-            call = conn.stub.Generate(node_req, timeout=remaining)
+            loop = asyncio.get_running_loop()
+            try:
+                stream = conn.stream(node_req)
+            except StreamError as exc:
+                self.fleet.drop_pending(cand.node_id, node_req.request_id)
+                ATTEMPTS.labels(cand.node_id, exc.code().name.lower()).inc()
+                last_error = f"{cand.node_id}: {exc.code().name} {exc.details()}"
+                continue
+            if remaining is not None:
+                stream.expire_at(loop.time() + remaining, "deadline exceeded")
             first_timeout = self.first_token_timeout_s + cand.cost_s
             if remaining is not None:
                 first_timeout = min(first_timeout, remaining)
             try:
                 try:
-                    first = await asyncio.wait_for(call.read(), timeout=first_timeout)
+                    first = await stream.read(first_timeout)
                 except asyncio.TimeoutError:
-                    call.cancel()
                     if remaining is not None and first_timeout >= remaining:
                         raise RequestError(grpc.StatusCode.DEADLINE_EXCEEDED, "deadline exceeded before the first token")
                     self.fleet.mark_suspect(cand.node_id)
@@ -358,7 +368,7 @@ class RouterService(pbg.InferenceServicer):
                     last_error = f"{cand.node_id} sent no first token within {first_timeout:.1f} s"
                     log.warning("router: %s; retrying elsewhere", last_error)
                     continue
-                except grpc.aio.AioRpcError as exc:
+                except StreamError as exc:
                     if exc.code() not in RETRYABLE:
                         raise RequestError(exc.code(), exc.details() or exc.code().name) from exc
                     if exc.code() == grpc.StatusCode.DEADLINE_EXCEEDED and remaining is not None:
@@ -367,9 +377,6 @@ class RouterService(pbg.InferenceServicer):
                     last_error = f"{cand.node_id}: {exc.code().name} {exc.details()}"
                     log.warning("router: node failed before first token (%s); retrying elsewhere", last_error)
                     continue
-                if first is grpc.aio.EOF:
-                    last_error = f"{cand.node_id} closed the stream without output"
-                    continue
                 ATTEMPTS.labels(cand.node_id, "ok").inc()
                 bs = ranked.block_size.get(cand.node_id)
                 if bs is not None:
@@ -377,48 +384,46 @@ class RouterService(pbg.InferenceServicer):
                 TTFT.labels(p.model).observe(time.monotonic() - t_start)
                 if relayed is not None:
                     relayed.cand, relayed.attempts = cand, attempts
-                async for msg in self._relay(p, request, call, first, cand, attempts, relayed):
+                async for msg in self._relay(p, request, stream, first, cand, attempts, relayed):
                     yield msg
                 return
             finally:
                 self.fleet.drop_pending(cand.node_id, node_req.request_id)
-                call.cancel()
+                stream.cancel()
         raise RequestError(grpc.StatusCode.UNAVAILABLE,
                            f"no node could serve {p.model!r} after {attempts} attempt(s): {last_error}")
 
-    async def _relay(self, p: Prepared, request: pb.GenerateRequest, call, first, cand: Candidate, attempts: int,
-                     relayed: Relayed | None = None):
+    async def _relay(self, p: Prepared, request: pb.GenerateRequest, stream: NodeStream, first, cand: Candidate,
+                     attempts: int, relayed: Relayed | None = None):
+        """Relays a node's outputs to the client, from the first one. Token items that
+        arrived while the last chunk was being written go out merged, as one chunk."""
         detok = IncrementalDetokenizer(p.tokenizer)
         stops = StopMatcher(list(request.sampling.stop))
         completion = 0
-        msg = first
+        kind, value = first
         while True:
-            if msg is grpc.aio.EOF:
-                raise RequestError(grpc.StatusCode.UNAVAILABLE, f"{cand.node_id} ended the stream without a final message")
-            kind = msg.WhichOneof("kind")
             if kind == "tokens":
-                ids = list(msg.tokens.ids)
-                completion += len(ids)
-                text, stopped = stops.feed(detok.push(ids))
-                yield pb.GenerateResponse(chunk=pb.TokenChunk(token_ids=ids, text=text))
+                completion += len(value)
+                text, stopped = stops.feed(detok.push(value))
+                yield pb.GenerateResponse(chunk=pb.TokenChunk(token_ids=value, text=text))
                 if relayed is not None:
                     relayed.completion = completion   # after the yield: what the client was given
                 if stopped:
-                    call.cancel()
+                    stream.cancel()
                     yield self._usage(p, cand, completion, None, "stop", attempts)
                     return
-            elif kind == "final":
+            else:
                 text, stopped = stops.feed(detok.flush())
                 if not stopped:
                     text += stops.flush()
                 if text:
                     yield pb.GenerateResponse(chunk=pb.TokenChunk(token_ids=[], text=text))
-                reason = "stop" if stopped else {v: k for k, v in FINISH.items()}.get(msg.final.finish_reason, "length")
-                yield self._usage(p, cand, msg.final.completion_tokens, msg.final, reason, attempts)
+                reason = "stop" if stopped else FINISH_NAME.get(value.finish_reason, "length")
+                yield self._usage(p, cand, value.completion_tokens, value, reason, attempts)
                 return
             try:
-                msg = await call.read()
-            except grpc.aio.AioRpcError as exc:
+                kind, value = await stream.read()
+            except StreamError as exc:
                 # Tokens already reached the client: no silent retry (a later issue continues mid-stream).
                 code = exc.code()
                 if code == grpc.StatusCode.DEADLINE_EXCEEDED:

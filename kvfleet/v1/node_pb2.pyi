@@ -41,6 +41,42 @@ class NodeGenerateResponse(_message.Message):
     final: NodeFinal
     def __init__(self, tokens: _Optional[_Union[_common_pb2.TokenIds, _Mapping]] = ..., final: _Optional[_Union[NodeFinal, _Mapping]] = ...) -> None: ...
 
+class ServeRequest(_message.Message):
+    __slots__ = ("stream", "start", "cancel")
+    STREAM_FIELD_NUMBER: _ClassVar[int]
+    START_FIELD_NUMBER: _ClassVar[int]
+    CANCEL_FIELD_NUMBER: _ClassVar[int]
+    stream: int
+    start: NodeGenerateRequest
+    cancel: bool
+    def __init__(self, stream: _Optional[int] = ..., start: _Optional[_Union[NodeGenerateRequest, _Mapping]] = ..., cancel: _Optional[bool] = ...) -> None: ...
+
+class StreamError(_message.Message):
+    __slots__ = ("code", "message")
+    CODE_FIELD_NUMBER: _ClassVar[int]
+    MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    code: int
+    message: str
+    def __init__(self, code: _Optional[int] = ..., message: _Optional[str] = ...) -> None: ...
+
+class StreamItem(_message.Message):
+    __slots__ = ("stream", "tokens", "final", "error")
+    STREAM_FIELD_NUMBER: _ClassVar[int]
+    TOKENS_FIELD_NUMBER: _ClassVar[int]
+    FINAL_FIELD_NUMBER: _ClassVar[int]
+    ERROR_FIELD_NUMBER: _ClassVar[int]
+    stream: int
+    tokens: _common_pb2.TokenIds
+    final: NodeFinal
+    error: StreamError
+    def __init__(self, stream: _Optional[int] = ..., tokens: _Optional[_Union[_common_pb2.TokenIds, _Mapping]] = ..., final: _Optional[_Union[NodeFinal, _Mapping]] = ..., error: _Optional[_Union[StreamError, _Mapping]] = ...) -> None: ...
+
+class ServeResponse(_message.Message):
+    __slots__ = ("items",)
+    ITEMS_FIELD_NUMBER: _ClassVar[int]
+    items: _containers.RepeatedCompositeFieldContainer[StreamItem]
+    def __init__(self, items: _Optional[_Iterable[_Union[StreamItem, _Mapping]]] = ...) -> None: ...
+
 class GetInfoRequest(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...

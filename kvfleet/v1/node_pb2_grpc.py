@@ -40,6 +40,11 @@ class NodeAgentStub:
                 request_serializer=kvfleet_dot_v1_dot_node__pb2.NodeGenerateRequest.SerializeToString,
                 response_deserializer=kvfleet_dot_v1_dot_node__pb2.NodeGenerateResponse.FromString,
                 _registered_method=True)
+        self.Serve = channel.stream_stream(
+                '/kvfleet.v1.NodeAgent/Serve',
+                request_serializer=kvfleet_dot_v1_dot_node__pb2.ServeRequest.SerializeToString,
+                response_deserializer=kvfleet_dot_v1_dot_node__pb2.ServeResponse.FromString,
+                _registered_method=True)
         self.GetInfo = channel.unary_unary(
                 '/kvfleet.v1.NodeAgent/GetInfo',
                 request_serializer=kvfleet_dot_v1_dot_node__pb2.GetInfoRequest.SerializeToString,
@@ -63,6 +68,18 @@ class NodeAgentServicer:
 
     def Generate(self, request, context):
         """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Serve(self, request_iterator, context):
+        """Many requests over one stream: what routers use. Each request is a `start` under an id
+        the caller picks, ended early by a `cancel`; the node answers with what Generate would
+        stream for each, batched: one message carries every output ready at once (an engine
+        step's tokens for all the caller's requests), so the cost per message is shared.
+        When the caller half-closes, the node finishes what runs and ends the stream; when the
+        node shuts down, it refuses new starts (UNAVAILABLE) and ends the stream once idle.
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
@@ -93,6 +110,11 @@ def add_NodeAgentServicer_to_server(servicer, server):
                     servicer.Generate,
                     request_deserializer=kvfleet_dot_v1_dot_node__pb2.NodeGenerateRequest.FromString,
                     response_serializer=kvfleet_dot_v1_dot_node__pb2.NodeGenerateResponse.SerializeToString,
+            ),
+            'Serve': grpc.stream_stream_rpc_method_handler(
+                    servicer.Serve,
+                    request_deserializer=kvfleet_dot_v1_dot_node__pb2.ServeRequest.FromString,
+                    response_serializer=kvfleet_dot_v1_dot_node__pb2.ServeResponse.SerializeToString,
             ),
             'GetInfo': grpc.unary_unary_rpc_method_handler(
                     servicer.GetInfo,
@@ -138,6 +160,33 @@ class NodeAgent:
             '/kvfleet.v1.NodeAgent/Generate',
             kvfleet_dot_v1_dot_node__pb2.NodeGenerateRequest.SerializeToString,
             kvfleet_dot_v1_dot_node__pb2.NodeGenerateResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Serve(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/kvfleet.v1.NodeAgent/Serve',
+            kvfleet_dot_v1_dot_node__pb2.ServeRequest.SerializeToString,
+            kvfleet_dot_v1_dot_node__pb2.ServeResponse.FromString,
             options,
             channel_credentials,
             insecure,

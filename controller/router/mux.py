@@ -1,0 +1,205 @@
+"""The router's side of ``NodeAgent.Serve``: one stream per node carries every request this
+router sends it.
+
+Per request, gRPC costs a call (headers, a new HTTP/2 stream, its own reads) and, per
+message, a read with its wake-ups of the event loop. Over one long-lived stream a request
+costs one small message out, and the node's answers for all of this router's requests come
+back batched, one message per engine step. ``NodeStream.read`` also merges token items
+already waiting for a request, so a client that reads slower than the engine writes gets
+fewer, larger chunks instead of a growing queue of small ones.
+
+Failure of the stream (the node died, its channel closed) ends every request on it with
+that status, as a per-request call would have; the next request opens a new stream.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections import deque
+
+import grpc
+
+from kvfleet.v1 import node_pb2 as npb
+
+log = logging.getLogger(__name__)
+
+_CODES = {c.value[0]: c for c in grpc.StatusCode}
+
+
+class StreamError(Exception):
+    """A request ended with a gRPC status instead of a final message. Has the same
+    ``code()`` / ``details()`` as ``grpc.aio.AioRpcError``."""
+
+    def __init__(self, code: grpc.StatusCode, details: str) -> None:
+        super().__init__(f"{code.name}: {details}")
+        self._code, self._details = code, details
+
+    def code(self) -> grpc.StatusCode:
+        return self._code
+
+    def details(self) -> str:
+        return self._details
+
+
+class NodeStream:
+    """One request on a node's stream. ``read()`` gives ``("tokens", ids)`` (every token
+    item waiting, merged) or ``("final", NodeFinal)``, or raises ``StreamError``."""
+
+    __slots__ = ("_mux", "id", "_items", "_waiter", "done", "_timer")
+
+    def __init__(self, mux: NodeMux, sid: int) -> None:
+        self._mux = mux
+        self.id = sid
+        self._items: deque = deque()
+        self._waiter: asyncio.Future | None = None
+        self.done = False          # final or error received, or cancelled
+        self._timer: asyncio.TimerHandle | None = None
+
+    def push(self, item) -> None:
+        self._items.append(item)
+        w = self._waiter
+        if w is not None and not w.done():
+            w.set_result(None)
+
+    async def read(self, timeout: float | None = None):
+        """The next output; ``asyncio.TimeoutError`` if none came within ``timeout`` s."""
+        if not self._items:
+            loop = asyncio.get_running_loop()
+            self._waiter = w = loop.create_future()
+            timer = loop.call_later(timeout, _expire, w) if timeout is not None else None
+            try:
+                await w
+            finally:
+                self._waiter = None
+                if timer is not None:
+                    timer.cancel()
+        items = self._items
+        item = items.popleft()
+        if item.__class__ is list:
+            if items and items[0].__class__ is list:
+                item = list(item)
+                while items and items[0].__class__ is list:
+                    item.extend(items.popleft())
+            return "tokens", item
+        if isinstance(item, StreamError):
+            self._finish()
+            raise item
+        self._finish()
+        return "final", item
+
+    def expire_at(self, when: float, details: str) -> None:
+        """Ends the request with DEADLINE_EXCEEDED at loop time ``when`` (and cancels it on the node)."""
+        self._timer = asyncio.get_running_loop().call_at(when, self._deadline, details)
+
+    def _deadline(self, details: str) -> None:
+        self._timer = None
+        if not self.done:
+            self.push(StreamError(grpc.StatusCode.DEADLINE_EXCEEDED, details))
+            self._mux.cancel(self.id)
+
+    def cancel(self) -> None:
+        """Stops the request on the node if it has not ended (idempotent)."""
+        if not self.done:
+            self._finish()
+            self._mux.cancel(self.id)
+
+    def _finish(self) -> None:
+        self.done = True
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+
+def _expire(w: asyncio.Future) -> None:
+    if not w.done():
+        w.set_exception(asyncio.TimeoutError())
+
+
+class NodeMux:
+    """One ``Serve`` call to one node. ``start`` sends a request on it; a failed or ended
+    call sets ``closed``, and the owner opens a new one for the next request."""
+
+    def __init__(self, stub, node_id: str) -> None:
+        self.node_id = node_id
+        self.streams: dict[int, NodeStream] = {}
+        self.closed = False
+        self._next = 0
+        self._out: deque[npb.ServeRequest] = deque()
+        self._out_wake: asyncio.Future | None = None
+        self._call = stub.Serve(self._requests())
+        self._task = asyncio.get_running_loop().create_task(self._read(), name=f"mux-{node_id}")
+
+    def start(self, request: npb.NodeGenerateRequest) -> NodeStream:
+        if self.closed:
+            raise StreamError(grpc.StatusCode.UNAVAILABLE, f"stream to {self.node_id} is closed")
+        self._next += 1
+        s = NodeStream(self, self._next)
+        self.streams[s.id] = s
+        self._send(npb.ServeRequest(stream=s.id, start=request))
+        return s
+
+    def cancel(self, sid: int) -> None:
+        if self.streams.pop(sid, None) is not None and not self.closed:
+            self._send(npb.ServeRequest(stream=sid, cancel=True))
+
+    def _send(self, msg: npb.ServeRequest) -> None:
+        self._out.append(msg)
+        w = self._out_wake
+        if w is not None and not w.done():
+            w.set_result(None)
+
+    async def _requests(self):
+        loop = asyncio.get_running_loop()
+        while True:
+            while self._out:
+                yield self._out.popleft()
+            self._out_wake = loop.create_future()
+            try:
+                await self._out_wake
+            finally:
+                self._out_wake = None
+
+    async def _read(self) -> None:
+        err = StreamError(grpc.StatusCode.UNAVAILABLE, f"{self.node_id} ended its stream")
+        streams = self.streams
+        try:
+            async for resp in self._call:
+                for item in resp.items:
+                    s = streams.get(item.stream)
+                    if s is None:       # cancelled here; its last items may still come
+                        continue
+                    kind = item.WhichOneof("kind")
+                    if kind == "tokens":
+                        s.push(list(item.tokens.ids))
+                        continue
+                    del streams[item.stream]
+                    if kind == "final":
+                        s.push(item.final)
+                    else:
+                        e = item.error
+                        s.push(StreamError(_CODES.get(e.code, grpc.StatusCode.UNKNOWN), e.message))
+        except grpc.aio.AioRpcError as exc:
+            err = StreamError(exc.code(), exc.details() or exc.code().name)
+        except asyncio.CancelledError:
+            err = StreamError(grpc.StatusCode.CANCELLED, "router closing")
+            raise
+        except Exception as exc:   # a bug: fail the requests, not silently hang them
+            log.exception("router: stream to %s failed", self.node_id)
+            err = StreamError(grpc.StatusCode.INTERNAL, f"stream to {self.node_id} failed: {exc}")
+        finally:
+            self.closed = True
+            for s in streams.values():
+                s.push(err)
+            streams.clear()
+            if self._out_wake is not None and not self._out_wake.done():
+                self._out_wake.cancel()
+
+    async def close(self) -> None:
+        self.closed = True
+        self._call.cancel()
+        self._task.cancel()
+        try:
+            await self._task
+        except (asyncio.CancelledError, Exception):
+            pass

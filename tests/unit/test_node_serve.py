@@ -1,0 +1,546 @@
+"""NodeAgent.Serve (many requests over one bidi stream) and the router's NodeMux, end to end
+over a real in-process grpc.aio server on 127.0.0.1 with real sim engines."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import grpc
+import pytest
+
+from kvfleet.controller.registry import ModelEntry, NodeEntry
+from kvfleet.controller.router.fleet import NodeConn
+from kvfleet.controller.router.mux import NodeMux, NodeStream, StreamError
+from kvfleet.node_agent.block_tracker import BlockTracker
+from kvfleet.node_agent.engine import LoadSnapshot
+from kvfleet.node_agent.engines.sim import SimEngine
+from kvfleet.node_agent.engines.sim_core import SimConfig
+from kvfleet.node_agent.service import NodeAgentService
+from kvfleet.node_agent.state import StatePublisher
+from kvfleet.v1 import common_pb2 as cpb
+from kvfleet.v1 import node_pb2 as pb
+from kvfleet.v1 import node_pb2_grpc as pbg
+
+pytestmark = pytest.mark.timeout(30)
+
+# Decode steps of 2 ms; prefill is instant on the fast model, 1000 tokens/s on the slow one
+# (a 300-token prompt takes 0.3 s to its first token).
+FAST = SimConfig(model="sim-fast", decode_step_base_s=0.002, decode_step_per_seq_s=0.0,
+                 prefill_tokens_per_s=1_000_000.0)
+SLOW = SimConfig(model="sim-slow", decode_step_base_s=0.002, decode_step_per_seq_s=0.0,
+                 prefill_tokens_per_s=1000.0)
+RETRYABLE = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED}
+CHANNEL_OPTIONS = [
+    ("grpc.initial_reconnect_backoff_ms", 50), ("grpc.min_reconnect_backoff_ms", 50),
+    ("grpc.max_reconnect_backoff_ms", 200),
+]
+
+
+class Node:
+    """Sim engines + StatePublisher + NodeAgentService behind a grpc.aio server, as the agent wires them."""
+
+    def __init__(self) -> None:
+        self.engines = {c.model: SimEngine(c) for c in (FAST, SLOW)}
+        self.trackers = {m: BlockTracker(m, e.info.block_size) for m, e in self.engines.items()}
+        self.publisher = StatePublisher(
+            self.trackers, load=self._load, ready=lambda: all(e.ready for e in self.engines.values()),
+            inflight=lambda: self.service.inflight if self.service else 0,
+        )
+        self.service: NodeAgentService | None = None
+        self.server: grpc.aio.Server | None = None
+        self.port = 0
+        self.channel: grpc.aio.Channel | None = None
+        self.stub: pbg.NodeAgentStub | None = None
+        self.muxes: list[NodeMux] = []
+
+    def _load(self) -> LoadSnapshot:
+        loads = [e.load() for e in self.engines.values()]
+        return LoadSnapshot(running=sum(l.running for l in loads), waiting=sum(l.waiting for l in loads),
+                            kv_usage=max(l.kv_usage for l in loads),
+                            queued_prefill_tokens=sum(l.queued_prefill_tokens for l in loads))
+
+    async def start_engines(self) -> None:
+        for m, e in self.engines.items():
+            e.set_event_sink(lambda seq, batch, m=m: self.publisher.on_kv_events(m, seq, batch))
+            await e.start()
+
+    async def start_server(self, port: int = 0) -> None:
+        """A fresh service and server (on ``port``, or a free one), same engines."""
+        self.service = NodeAgentService(lambda: "node-1", self.engines, self.publisher)
+        self.server = grpc.aio.server()
+        pbg.add_NodeAgentServicer_to_server(self.service, self.server)
+        self.port = self.server.add_insecure_port(f"127.0.0.1:{port}")
+        assert self.port != 0 and (port == 0 or self.port == port)
+        await self.server.start()
+        if self.channel is None:
+            self.channel = grpc.aio.insecure_channel(f"127.0.0.1:{self.port}", options=CHANNEL_OPTIONS)
+            self.stub = pbg.NodeAgentStub(self.channel)
+
+    def mux(self) -> NodeMux:
+        m = NodeMux(self.stub, "node-1")
+        self.muxes.append(m)
+        return m
+
+    def engine_requests(self) -> set[str]:
+        out: set[str] = set()
+        for e in self.engines.values():
+            running, waiting = e.core.request_ids()
+            out.update(running, waiting)
+        return out
+
+    async def stop(self) -> None:
+        for m in self.muxes:
+            await m.close()
+        if self.channel is not None:
+            await self.channel.close()
+        if self.server is not None:
+            await self.server.stop(0)
+        for e in self.engines.values():
+            await e.stop()
+
+
+@pytest.fixture
+async def node():
+    n = Node()
+    await n.start_engines()
+    await n.start_server()
+    try:
+        yield n
+    finally:
+        await n.stop()
+
+
+def request(rid: str, prompt: list[int], max_tokens: int, model: str = FAST.model) -> pb.NodeGenerateRequest:
+    """Greedy (temperature 0): the sim engine seeds its text from the prompt, so the same
+    prompt gives the same tokens whatever the request id."""
+    r = pb.NodeGenerateRequest(request_id=rid, model=model, prompt_token_ids=prompt)
+    r.sampling.max_tokens = max_tokens
+    r.sampling.temperature = 0.0
+    return r
+
+
+def text_prompt(seed: int, n: int) -> list[int]:
+    return [ord("a") + (seed * 7 + i) % 26 for i in range(n)]
+
+
+async def unary(stub: pbg.NodeAgentStub, req: pb.NodeGenerateRequest) -> tuple[list[int], pb.NodeFinal]:
+    """What the unary-stream Generate RPC gives for ``req``."""
+    async def run():
+        tokens, final = [], None
+        async for msg in stub.Generate(req):
+            if msg.HasField("tokens"):
+                assert final is None
+                tokens.extend(msg.tokens.ids)
+            else:
+                final = msg.final
+        assert final is not None
+        return tokens, final
+
+    return await asyncio.wait_for(run(), 10)
+
+
+async def drain(stream: NodeStream, timeout: float = 10.0) -> tuple[list[int], pb.NodeFinal, int]:
+    """Reads a stream to its final: (tokens, final, number of token reads)."""
+    async def run():
+        tokens: list[int] = []
+        reads = 0
+        while True:
+            kind, value = await stream.read()
+            if kind == "final":
+                return tokens, value, reads
+            assert kind == "tokens" and value
+            reads += 1
+            tokens.extend(value)
+
+    return await asyncio.wait_for(run(), timeout)
+
+
+async def eventually(pred, timeout: float = 2.0, what: str = "condition") -> None:
+    deadline = time.monotonic() + timeout
+    while not pred():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+        await asyncio.sleep(0.005)
+
+
+def same_final(got: pb.NodeFinal, want: pb.NodeFinal) -> None:
+    assert (got.prompt_tokens, got.completion_tokens, got.finish_reason) == \
+        (want.prompt_tokens, want.completion_tokens, want.finish_reason)
+
+
+# ---------------------------------------------------------------- 1. many requests, one stream
+
+
+async def test_concurrent_requests_over_one_mux_get_what_generate_gives_and_replies_are_batched(node):
+    specs = [(text_prompt(i, 5 + 3 * i), 4 + 2 * i) for i in range(16)]    # prompts 5..50 tokens, 4..34 outputs
+    expected = await asyncio.gather(*(unary(node.stub, request(f"u{i}", p, n)) for i, (p, n) in enumerate(specs)))
+    for (p, n), (tokens, final) in zip(specs, expected):
+        assert len(tokens) == n and final.completion_tokens == n and final.prompt_tokens == len(p)
+        assert final.finish_reason == cpb.FINISH_REASON_LENGTH
+    assert len({tuple(t) for t, _ in expected}) > 1   # the prompts really give different outputs
+
+    # Through NodeMux: all 16 at once on one Serve call.
+    mux = node.mux()
+    streams = [mux.start(request(f"m{i}", p, n)) for i, (p, n) in enumerate(specs)]
+    results = await asyncio.gather(*(drain(s) for s in streams))
+    for (tokens, final, _), (want_tokens, want_final) in zip(results, expected):
+        assert tokens == want_tokens
+        same_final(final, want_final)
+    assert all(s.done for s in streams) and mux.streams == {} and not mux.closed
+    await eventually(lambda: node.service.inflight == 0, what="inflight back to 0")
+    assert node.engine_requests() == set()
+
+    # A raw Serve call, to count the node's messages. The request stream stays open (no
+    # half-close) until every request has its final.
+    done = asyncio.Event()
+
+    async def requests():
+        for i, (p, n) in enumerate(specs):
+            yield pb.ServeRequest(stream=100 + i, start=request(f"r{i}", p, n))
+        await done.wait()
+
+    call = node.stub.Serve(requests())
+    per_stream: dict[int, list] = {100 + i: [] for i in range(16)}
+    messages = items = 0
+    multi_stream_messages = 0
+
+    async def collect():
+        nonlocal messages, items, multi_stream_messages
+        finals = 0
+        async for resp in call:
+            messages += 1
+            items += len(resp.items)
+            if len({it.stream for it in resp.items}) > 1:
+                multi_stream_messages += 1
+            for it in resp.items:
+                per_stream[it.stream].append(it)
+                if it.WhichOneof("kind") != "tokens":
+                    finals += 1
+            if finals == len(specs):
+                return
+
+    try:
+        await asyncio.wait_for(collect(), 10)
+    finally:
+        done.set()
+        call.cancel()
+    for i, (want_tokens, want_final) in enumerate(expected):
+        its = per_stream[100 + i]
+        assert [it.WhichOneof("kind") for it in its[:-1]] == ["tokens"] * (len(its) - 1)
+        assert its[-1].WhichOneof("kind") == "final"
+        assert [t for it in its[:-1] for t in it.tokens.ids] == want_tokens
+        same_final(its[-1].final, want_final)
+    assert items >= 16 * 2
+    assert messages < items, (messages, items)   # items ready at once share a message
+    assert multi_stream_messages > 0
+
+
+# ---------------------------------------------------------------- 2. cancel
+
+
+async def test_cancelling_one_stream_aborts_its_engine_request_and_the_others_finish(node):
+    mux = node.mux()
+    specs = [(text_prompt(i, 20), 100) for i in range(4)]
+    others = [mux.start(request(f"o{i}", p, n)) for i, (p, n) in enumerate(specs)]
+    victim = mux.start(request("victim", text_prompt(9, 20), 3000))
+    got: list[int] = []
+    while len(got) < 3:
+        kind, ids = await asyncio.wait_for(victim.read(), 5)
+        assert kind == "tokens"
+        got.extend(ids)
+    assert "victim" in node.engine_requests() and node.service.inflight == 5
+
+    victim.cancel()
+    assert victim.done and victim.id not in mux.streams
+    # The others still run (100 steps of 2 ms each): only the victim is gone.
+    await eventually(lambda: "victim" not in node.engine_requests(), what="the victim's engine request aborted")
+    await eventually(lambda: node.service.inflight == 4, what="inflight == 4")
+    assert node.engine_requests() == {f"o{i}" for i in range(4)}
+    victim.cancel()                                  # idempotent
+
+    results = await asyncio.gather(*(drain(s) for s in others))
+    expected = await asyncio.gather(*(unary(node.stub, request(f"u{i}", p, n)) for i, (p, n) in enumerate(specs)))
+    for (tokens, final, _), (want_tokens, want_final) in zip(results, expected):
+        assert tokens == want_tokens and len(tokens) == 100
+        same_final(final, want_final)
+    await eventually(lambda: node.service.inflight == 0, what="inflight back to 0")
+    assert not mux.closed and mux.streams == {}
+
+
+# ---------------------------------------------------------------- 3. per-request errors
+
+
+async def test_an_unknown_model_ends_only_that_stream_with_not_found(node):
+    mux = node.mux()
+    specs = [(text_prompt(i, 12), 15) for i in range(3)]
+    before = mux.start(request("a", *specs[0]))
+    bad = mux.start(request("bad", [65, 66, 67], 5, model="no-such-model"))
+    after = [mux.start(request(f"b{i}", p, n)) for i, (p, n) in enumerate(specs[1:])]
+
+    with pytest.raises(StreamError) as ei:
+        await asyncio.wait_for(bad.read(), 5)
+    assert ei.value.code() == grpc.StatusCode.NOT_FOUND
+    assert "no-such-model" in ei.value.details()
+    assert bad.done
+
+    results = await asyncio.gather(*(drain(s) for s in [before, *after]))
+    expected = await asyncio.gather(*(unary(node.stub, request(f"u{i}", p, n)) for i, (p, n) in enumerate(specs)))
+    for (tokens, final, _), (want_tokens, want_final) in zip(results, expected):
+        assert tokens == want_tokens
+        same_final(final, want_final)
+    assert not mux.closed
+    # The unary RPC ends with the same status.
+    with pytest.raises(grpc.aio.AioRpcError) as ei2:
+        await unary(node.stub, request("bad2", [65], 1, model="no-such-model"))
+    assert ei2.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+async def test_a_duplicate_stream_id_on_a_raw_serve_call_gets_invalid_argument(node):
+    first = request("dup-a", text_prompt(1, 10), 30)
+    second = request("dup-b", text_prompt(2, 10), 30)
+    other = request("other", text_prompt(3, 10), 10)
+    done = asyncio.Event()
+
+    async def requests():
+        yield pb.ServeRequest(stream=7, start=first)
+        yield pb.ServeRequest(stream=7, start=second)    # 7 is still running
+        yield pb.ServeRequest(stream=8, start=other)
+        await done.wait()
+
+    call = node.stub.Serve(requests())
+    items: dict[int, list] = {7: [], 8: []}
+    accepted: set[str] = set()
+
+    async def collect():
+        ended = 0
+        async for resp in call:
+            for it in resp.items:
+                items[it.stream].append(it)
+                if it.WhichOneof("kind") == "final":
+                    ended += 1
+            accepted.update(node.engine_requests())
+            if ended == 2:
+                return
+
+    try:
+        await asyncio.wait_for(collect(), 10)
+    finally:
+        done.set()
+        call.cancel()
+
+    errors = [it.error for it in items[7] if it.WhichOneof("kind") == "error"]
+    assert len(errors) == 1
+    assert errors[0].code == grpc.StatusCode.INVALID_ARGUMENT.value[0]
+    assert "already running" in errors[0].message
+    # Stream 7 still carries the first request, whole; the duplicate never ran.
+    want_tokens, want_final = await unary(node.stub, request("u-a", text_prompt(1, 10), 30))
+    assert [t for it in items[7] if it.WhichOneof("kind") == "tokens" for t in it.tokens.ids] == want_tokens
+    assert items[7][-1].WhichOneof("kind") == "final"
+    same_final(items[7][-1].final, want_final)
+    assert "dup-b" not in accepted
+    assert [it.WhichOneof("kind") for it in items[8]][-1] == "final"
+    assert items[8][-1].final.completion_tokens == 10
+
+
+# ---------------------------------------------------------------- 4. node shutting down
+
+
+async def test_close_refuses_new_starts_and_lets_running_streams_finish(node):
+    mux = node.mux()
+    prompt = text_prompt(4, 16)
+    want_tokens, want_final = await unary(node.stub, request("u", prompt, 60))
+    running = mux.start(request("running", prompt, 60))
+    kind, first = await asyncio.wait_for(running.read(), 5)
+    assert kind == "tokens"
+
+    node.service.close()
+    late = mux.start(request("late", text_prompt(5, 16), 5))
+    with pytest.raises(StreamError) as ei:
+        await asyncio.wait_for(late.read(), 5)
+    assert ei.value.code() == grpc.StatusCode.UNAVAILABLE
+    assert "shutting down" in ei.value.details()
+    assert "late" not in node.engine_requests()
+
+    rest, final, _ = await drain(running)
+    assert first + rest == want_tokens
+    same_final(final, want_final)
+    # The unary RPC refuses too.
+    with pytest.raises(grpc.aio.AioRpcError) as ei2:
+        await unary(node.stub, request("late2", text_prompt(6, 16), 5))
+    assert ei2.value.code() == grpc.StatusCode.UNAVAILABLE
+
+
+async def test_after_close_the_serve_call_ends_once_its_requests_have(node):
+    mux = node.mux()
+    running = mux.start(request("running", text_prompt(4, 16), 20))
+    assert (await asyncio.wait_for(running.read(), 5))[0] == "tokens"
+    node.service.close()
+    await drain(running)
+    await eventually(lambda: mux.closed, timeout=1.0, what="the Serve call to end after close()")
+    with pytest.raises(StreamError) as ei:
+        mux.start(request("later", [65, 66], 2))
+    assert ei.value.code() == grpc.StatusCode.UNAVAILABLE
+
+
+async def test_a_half_closed_serve_call_ends_after_its_last_final(node):
+    reqs = [pb.ServeRequest(stream=i, start=request(f"h{i}", text_prompt(i, 8), 5)) for i in (1, 2, 3)]
+    call = node.stub.Serve(iter(reqs))        # sends three starts, then half-closes
+    finals = 0
+
+    async def collect():
+        nonlocal finals
+        async for resp in call:
+            finals += sum(it.WhichOneof("kind") == "final" for it in resp.items)
+        return await call.code()
+
+    try:
+        code = await asyncio.wait_for(collect(), 1.0)
+    except asyncio.TimeoutError:
+        raise AssertionError(f"the call did not end after {finals} finals (of 3)") from None
+    finally:
+        call.cancel()
+    assert finals == 3 and code == grpc.StatusCode.OK
+
+
+# ---------------------------------------------------------------- 5. node gone
+
+
+async def test_a_hard_stopped_server_fails_every_open_stream_and_a_new_server_serves_again(node):
+    mux = node.mux()
+    streams = [mux.start(request(f"s{i}", text_prompt(i, 10), 3000)) for i in range(3)]
+    for s in streams:
+        assert (await asyncio.wait_for(s.read(), 5))[0] == "tokens"
+    port = node.port
+
+    await node.server.stop(0)
+    for s in streams:
+        async def until_error(s=s):
+            while True:
+                await s.read()        # tokens already waiting may come first
+        with pytest.raises(StreamError) as ei:
+            await asyncio.wait_for(until_error(), 5)
+        assert ei.value.code() in RETRYABLE, ei.value
+        assert s.done
+    assert mux.closed and mux.streams == {}
+    with pytest.raises(StreamError) as ei:
+        mux.start(request("x", [65], 1))
+    assert ei.value.code() == grpc.StatusCode.UNAVAILABLE
+    # The server's handlers were cancelled: the engine requests are aborted.
+    await eventually(lambda: node.engine_requests() == set(), what="engine requests aborted")
+    await eventually(lambda: node.service.inflight == 0, what="inflight back to 0")
+
+    # The node comes back on the same address; the router's NodeConn opens a new stream.
+    await node.start_server(port)
+    entry = NodeEntry(node_id="node-1", address=f"127.0.0.1:{port}", models=[ModelEntry(
+        name=FAST.model, block_size=16, num_blocks=FAST.num_blocks, max_model_len=FAST.max_model_len,
+        prefill_tokens_per_s=FAST.prefill_tokens_per_s, decode_tokens_per_s=500.0)], joined_unix_ms=0)
+    conn = NodeConn(entry=entry, channel=node.channel, stub=node.stub, mux=mux)
+    prompt = text_prompt(8, 12)
+    deadline = time.monotonic() + 5
+    attempt = 0
+    while True:       # the channel may need a moment to reconnect: retry as a router would
+        attempt += 1
+        s = conn.stream(request(f"again{attempt}", prompt, 12))
+        node.muxes.append(conn.mux)
+        assert conn.mux is not mux
+        try:
+            tokens, final, _ = await drain(s, timeout=5)
+            break
+        except StreamError as exc:
+            assert exc.code() == grpc.StatusCode.UNAVAILABLE and time.monotonic() < deadline, exc
+            assert conn.mux.closed
+            await asyncio.sleep(0.05)
+    want_tokens, want_final = await unary(node.stub, request("u", prompt, 12))
+    assert tokens == want_tokens
+    same_final(final, want_final)
+    # The reopened stream is reused while it is open.
+    reopened = conn.mux
+    s2 = conn.stream(request("again-2", text_prompt(9, 12), 4))
+    assert conn.mux is reopened and not reopened.closed
+    assert (await drain(s2))[1].completion_tokens == 4
+
+
+# ---------------------------------------------------------------- 6. deadlines
+
+
+async def test_expire_at_ends_the_stream_with_deadline_exceeded_and_cancels_it_on_the_node(node):
+    mux = node.mux()
+    loop = asyncio.get_running_loop()
+    # Mid-stream (decoding).
+    s = mux.start(request("decoding", text_prompt(1, 10), 3000))
+    assert (await asyncio.wait_for(s.read(), 5))[0] == "tokens"
+    assert node.service.inflight == 1
+    t0 = loop.time()
+    s.expire_at(t0 + 0.05, "deadline exceeded (test)")
+    n = 0
+    with pytest.raises(StreamError) as ei:
+        while True:
+            kind, ids = await asyncio.wait_for(s.read(), 5)
+            assert kind == "tokens"
+            n += len(ids)
+    assert ei.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    assert ei.value.details() == "deadline exceeded (test)"
+    assert loop.time() - t0 >= 0.045 and n < 3000 and s.done
+    await eventually(lambda: node.service.inflight == 0, what="the node's request cancelled")
+    assert node.engine_requests() == set()
+
+    # Before the first token (a 0.3 s prefill on the slow model).
+    s = mux.start(request("prefilling", text_prompt(2, 300), 5, model=SLOW.model))
+    await eventually(lambda: "prefilling" in node.engine_requests(), what="the request to reach the engine")
+    t0 = loop.time()
+    s.expire_at(t0 + 0.05, "deadline exceeded before the first token")
+    with pytest.raises(StreamError) as ei:
+        await asyncio.wait_for(s.read(), 5)
+    assert ei.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    assert 0.045 <= loop.time() - t0 < 0.25
+    await eventually(lambda: node.service.inflight == 0 and node.engine_requests() == set(),
+                     what="the prefilling request cancelled")
+
+    # A deadline that does not pass in time changes nothing; the mux stays usable.
+    s = mux.start(request("in-time", text_prompt(3, 10), 5))
+    s.expire_at(loop.time() + 5.0, "unused")
+    tokens, final, _ = await drain(s)
+    assert len(tokens) == 5 and final.completion_tokens == 5 and not mux.closed
+
+
+# ---------------------------------------------------------------- 7. read timeout
+
+
+async def test_read_with_a_timeout_raises_timeout_error_and_the_stream_reads_on_afterwards(node):
+    mux = node.mux()
+    prompt = text_prompt(5, 300)
+    s = mux.start(request("slow", prompt, 8, model=SLOW.model))
+    t0 = time.monotonic()
+    with pytest.raises(asyncio.TimeoutError):
+        await s.read(timeout=0.05)
+    assert 0.045 <= time.monotonic() - t0 < 0.25
+    assert not s.done and "slow" in node.engine_requests()
+    with pytest.raises(asyncio.TimeoutError):      # and again: still nothing, still fine
+        await s.read(timeout=0.02)
+
+    kind, first = await s.read(timeout=5)           # the prefill ends at ~0.3 s
+    assert kind == "tokens"
+    rest, final, _ = await drain(s)
+    # (Computed after: the same prompt now hits the prefix cache.)
+    want_tokens, want_final = await unary(node.stub, request("u", prompt, 8, model=SLOW.model))
+    assert first + rest == want_tokens
+    same_final(final, want_final)
+
+
+# ---------------------------------------------------------------- 8. merging waiting tokens
+
+
+async def test_token_items_waiting_unread_come_back_merged_from_one_read(node):
+    mux = node.mux()
+    prompt = text_prompt(6, 20)
+    s = mux.start(request("merge", prompt, 60))
+    await asyncio.sleep(0.06)          # ~30 decode steps of 2 ms, nothing read
+    assert len(s._items) >= 2          # several items really waited (one per node message)
+    kind, first = await s.read()
+    assert kind == "tokens" and len(first) >= 5
+    rest, final, reads = await drain(s)
+    want_tokens, want_final = await unary(node.stub, request("u", prompt, 60))
+    assert first + rest == want_tokens
+    same_final(final, want_final)
+    assert 1 + reads < len(want_tokens)
