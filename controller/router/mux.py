@@ -46,7 +46,7 @@ class NodeStream:
     """One request on a node's stream. ``read()`` gives ``("tokens", ids)`` (every token
     item waiting, merged) or ``("final", NodeFinal)``, or raises ``StreamError``."""
 
-    __slots__ = ("_mux", "id", "_items", "_waiter", "done", "_timer")
+    __slots__ = ("_mux", "id", "_items", "_waiter", "done", "_timer", "_settling")
 
     def __init__(self, mux: NodeMux, sid: int) -> None:
         self._mux = mux
@@ -55,11 +55,12 @@ class NodeStream:
         self._waiter: asyncio.Future | None = None
         self.done = False          # final or error received, or cancelled
         self._timer: asyncio.TimerHandle | None = None
+        self._settling = False     # in settle(): only the end of the request wakes it early
 
     def push(self, item) -> None:
         self._items.append(item)
         w = self._waiter
-        if w is not None and not w.done():
+        if w is not None and not w.done() and not (self._settling and item.__class__ is list):
             w.set_result(None)
 
     async def read(self, timeout: float | None = None):
@@ -88,6 +89,28 @@ class NodeStream:
         self._finish()
         return "final", item
 
+    async def settle(self, seconds: float) -> None:
+        """Waits ``seconds`` for more output to merge, or less if the request ends meanwhile
+        (its final or an error came: nothing more can be merged)."""
+        loop = asyncio.get_running_loop()
+        until = loop.time() + seconds
+        while not self.done:
+            items = self._items
+            if items and items[-1].__class__ is not list:
+                return
+            left = until - loop.time()
+            if left <= 0:
+                return
+            self._waiter = w = loop.create_future()
+            self._settling = True
+            timer = loop.call_later(left, _wake, w)
+            try:
+                await w
+            finally:
+                self._waiter = None
+                self._settling = False
+                timer.cancel()
+
     def expire_at(self, when: float, details: str) -> None:
         """Ends the request with DEADLINE_EXCEEDED at loop time ``when`` (and cancels it on the node)."""
         self._timer = asyncio.get_running_loop().call_at(when, self._deadline, details)
@@ -109,6 +132,11 @@ class NodeStream:
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
+
+
+def _wake(w: asyncio.Future) -> None:
+    if not w.done():
+        w.set_result(None)
 
 
 def _expire(w: asyncio.Future) -> None:

@@ -50,6 +50,10 @@ DECIDE = Histogram("kvfleet_router_decision_seconds", "Tokenise + hash + policy 
 
 # Flex and batch pay less for latency: their cost leans towards cache affinity (policy.RouteRequest).
 LATENCY_WEIGHT = {cpb.TIER_FLEX: 0.5, cpb.TIER_BATCH: 0.25}
+# Default least time between token chunks per tier (GenerateRequest.stream_interval_ms):
+# tiers that accept latency take their tokens in fewer, larger messages.
+STREAM_INTERVAL_S = {cpb.TIER_FLEX: 0.1, cpb.TIER_BATCH: 1.0}
+MAX_STREAM_INTERVAL_MS = 60_000
 FINISH = {"length": cpb.FINISH_REASON_LENGTH, "stop": cpb.FINISH_REASON_STOP, "abort": cpb.FINISH_REASON_ABORT}
 FINISH_NAME = {v: k for k, v in FINISH.items()}
 RETRYABLE = {
@@ -73,6 +77,7 @@ class Prepared:
     tenant: str = "default"
     batch_item: str = ""         # "<job id>/<custom_id>" when the Batch API runner sent it
     max_queue_s: float = 0.0     # the request's limit on its wait in the admission queue (0: the tier's)
+    stream_interval_s: float = 0.0  # least time between two token chunks to the client
 
 
 @dataclass(slots=True)
@@ -138,6 +143,9 @@ class RouterService(pbg.InferenceServicer):
         max_tokens = request.sampling.max_tokens
         if max_tokens <= 0:
             raise RequestError(grpc.StatusCode.INVALID_ARGUMENT, "sampling.max_tokens must be > 0")
+        if request.stream_interval_ms > MAX_STREAM_INTERVAL_MS:
+            raise RequestError(grpc.StatusCode.INVALID_ARGUMENT,
+                               f"stream_interval_ms must be at most {MAX_STREAM_INTERVAL_MS}, got {request.stream_interval_ms}")
         deadline = None
         if request.HasField("deadline"):
             remaining = request.deadline.ToMicroseconds() / 1e6 - time.time()
@@ -188,6 +196,8 @@ class RouterService(pbg.InferenceServicer):
             max_tokens=max_tokens, tier=request.tier or cpb.TIER_DEFAULT, deadline=deadline, tokenize_us=tokenize_us,
             arrival_rate=rates.arrive(now) if arrival else rates.peek(now),
             tenant=principal.tenant, max_queue_s=request.max_queue_ms / 1000.0,
+            stream_interval_s=(request.stream_interval_ms / 1000.0 if request.stream_interval_ms
+                               else STREAM_INTERVAL_S.get(request.tier or cpb.TIER_DEFAULT, 0.0)),
             batch_item=dict(context.invocation_metadata() or ()).get("x-kvfleet-batch-item", "") if principal.internal else "",
         )
 
@@ -396,9 +406,11 @@ class RouterService(pbg.InferenceServicer):
     async def _relay(self, p: Prepared, request: pb.GenerateRequest, stream: NodeStream, first, cand: Candidate,
                      attempts: int, relayed: Relayed | None = None):
         """Relays a node's outputs to the client, from the first one. Token items that
-        arrived while the last chunk was being written go out merged, as one chunk."""
+        arrived while the last chunk was being written go out merged, as one chunk; with a
+        stream interval, so do the tokens made until the interval has passed."""
         detok = IncrementalDetokenizer(p.tokenizer)
         stops = StopMatcher(list(request.sampling.stop))
+        interval = p.stream_interval_s
         completion = 0
         kind, value = first
         while True:
@@ -412,6 +424,8 @@ class RouterService(pbg.InferenceServicer):
                     stream.cancel()
                     yield self._usage(p, cand, completion, None, "stop", attempts)
                     return
+                if interval:
+                    await stream.settle(interval)
             else:
                 text, stopped = stops.feed(detok.flush())
                 if not stopped:

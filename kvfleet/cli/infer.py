@@ -24,10 +24,13 @@ TIER_NAMES = {v: k for k, v in TIERS.items()}
 
 def build_request(prompt: str | None, model: str, max_tokens: int, temperature: float | None, seed: int | None,
                   stop: list[str], tier: str, tenant: str, request_id: str, system: str | None,
-                  token_ids: str | None, timeout: float | None) -> pb.GenerateRequest:
+                  token_ids: str | None, timeout: float | None, stream_interval_ms: int = 0) -> pb.GenerateRequest:
     if tier not in TIERS:
         raise typer.BadParameter(f"choose from {', '.join(TIERS)}", param_hint="--tier")
-    req = pb.GenerateRequest(model=model, tier=TIERS[tier], tenant=tenant, request_id=request_id)
+    if not 0 <= stream_interval_ms <= 60_000:
+        raise typer.BadParameter("expected 0 (the tier's default) to 60000 ms", param_hint="--stream-interval-ms")
+    req = pb.GenerateRequest(model=model, tier=TIERS[tier], tenant=tenant, request_id=request_id,
+                             stream_interval_ms=stream_interval_ms)
     req.sampling.max_tokens = max_tokens
     if temperature is not None:
         req.sampling.temperature = temperature
@@ -84,15 +87,19 @@ def generate(
     system: str = typer.Option(None, "--system", help="send as chat: this system message, then the prompt as the user's"),
     token_ids: str = typer.Option(None, "--token-ids", help="send these token ids instead of text"),
     timeout: float = typer.Option(None, "--timeout", help="deadline in seconds"),
+    stream_interval_ms: int = typer.Option(0, "--stream-interval-ms", help="least ms between two chunks; tokens made meanwhile come merged (0: the tier's default: flex 100, others every token)"),
     router: str = RouterOpt,
     api_key: str = ApiKeyOpt,
     json_out: bool = JsonOpt,
 ) -> None:
     """Stream a completion to the terminal, then show its usage."""
     metadata = _auth_metadata(api_key)
-    req = build_request(_prompt(prompt), model, max_tokens, temperature, seed, stop, tier, tenant, request_id, system, token_ids, timeout)
+    req = build_request(_prompt(prompt), model, max_tokens, temperature, seed, stop, tier, tenant, request_id, system, token_ids, timeout,
+                        stream_interval_ms)
+    chunks = 0
 
     async def go():
+        nonlocal chunks
         text, ids, usage = [], [], None
         t0 = time.monotonic()
         ttft = None
@@ -101,6 +108,7 @@ def generate(
                 if msg.HasField("chunk"):
                     if ttft is None:
                         ttft = time.monotonic() - t0
+                    chunks += 1
                     text.append(msg.chunk.text)
                     ids.extend(msg.chunk.token_ids)
                     if not json_out:
@@ -113,7 +121,7 @@ def generate(
     text, ids, usage, ttft, total = run_rpc(go, router)
     u = usage_dict(usage)
     if json_out:
-        print_json({"text": text, "token_ids": ids, "usage": u,
+        print_json({"text": text, "token_ids": ids, "usage": u, "chunks": chunks,
                     "ttft_s": round(ttft or 0.0, 6), "total_s": round(total, 6)})
     else:
         sys.stdout.write("\n")

@@ -26,7 +26,7 @@ from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__
 from kvfleet.v1 import common_pb2 as kvfleet_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1akvfleet/v1/inference.proto\x12\nkvfleet.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x17kvfleet/v1/common.proto\"\xc5\x02\n\x0fGenerateRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0e\n\x04text\x18\x02 \x01(\tH\x00\x12)\n\ttoken_ids\x18\x03 \x01(\x0b\x32\x14.kvfleet.v1.TokenIdsH\x00\x12(\n\x04\x63hat\x18\x04 \x01(\x0b\x32\x18.kvfleet.v1.ChatMessagesH\x00\x12,\n\x08sampling\x18\x05 \x01(\x0b\x32\x1a.kvfleet.v1.SamplingParams\x12\x1e\n\x04tier\x18\x06 \x01(\x0e\x32\x10.kvfleet.v1.Tier\x12\x0e\n\x06tenant\x18\x07 \x01(\t\x12\x12\n\nrequest_id\x18\x08 \x01(\t\x12,\n\x08\x64\x65\x61\x64line\x18\t \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x14\n\x0cmax_queue_ms\x18\n \x01(\rB\x08\n\x06prompt\"-\n\nTokenChunk\x12\x11\n\ttoken_ids\x18\x01 \x03(\r\x12\x0c\n\x04text\x18\x02 \x01(\t\"\x80\x02\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x1c\n\x14\x63\x61\x63hed_prompt_tokens\x18\x02 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x03 \x01(\r\x12\x1f\n\x17predicted_cached_tokens\x18\x04 \x01(\r\x12\x0f\n\x07node_id\x18\x05 \x01(\t\x12/\n\rfinish_reason\x18\x06 \x01(\x0e\x32\x18.kvfleet.v1.FinishReason\x12\x12\n\nrequest_id\x18\x07 \x01(\t\x12\x10\n\x08\x61ttempts\x18\x08 \x01(\r\x12\x1e\n\x04tier\x18\t \x01(\x0e\x32\x10.kvfleet.v1.Tier\"g\n\x10GenerateResponse\x12\'\n\x05\x63hunk\x18\x01 \x01(\x0b\x32\x16.kvfleet.v1.TokenChunkH\x00\x12\"\n\x05usage\x18\x02 \x01(\x0b\x32\x11.kvfleet.v1.UsageH\x00\x42\x06\n\x04kind\"\xd1\x01\n\x0e\x43\x61ndidateScore\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\x12\x1f\n\x17predicted_cached_tokens\x18\x03 \x01(\r\x12\x1d\n\x15queued_prefill_tokens\x18\x04 \x01(\x04\x12\x0f\n\x07running\x18\x05 \x01(\r\x12\x10\n\x08kv_usage\x18\x06 \x01(\x02\x12\x18\n\x10\x65stimated_ttft_s\x18\x07 \x01(\x01\x12\x10\n\x08\x65ligible\x18\x08 \x01(\x08\x12\x0e\n\x06reason\x18\t \x01(\t\"\xd1\x01\n\x14\x45xplainRouteResponse\x12\r\n\x05model\x18\x01 \x01(\t\x12\x15\n\rprompt_tokens\x18\x02 \x01(\r\x12\x12\n\nblock_size\x18\x03 \x01(\r\x12\x16\n\x0epicked_node_id\x18\x04 \x01(\t\x12.\n\ncandidates\x18\x05 \x03(\x0b\x32\x1a.kvfleet.v1.CandidateScore\x12\x13\n\x0btokenize_us\x18\x06 \x01(\x01\x12\x0f\n\x07hash_us\x18\x07 \x01(\x01\x12\x11\n\tdecide_us\x18\x08 \x01(\x01\x32\xa3\x01\n\tInference\x12G\n\x08Generate\x12\x1b.kvfleet.v1.GenerateRequest\x1a\x1c.kvfleet.v1.GenerateResponse0\x01\x12M\n\x0c\x45xplainRoute\x12\x1b.kvfleet.v1.GenerateRequest\x1a .kvfleet.v1.ExplainRouteResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1akvfleet/v1/inference.proto\x12\nkvfleet.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x17kvfleet/v1/common.proto\"\xe1\x02\n\x0fGenerateRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0e\n\x04text\x18\x02 \x01(\tH\x00\x12)\n\ttoken_ids\x18\x03 \x01(\x0b\x32\x14.kvfleet.v1.TokenIdsH\x00\x12(\n\x04\x63hat\x18\x04 \x01(\x0b\x32\x18.kvfleet.v1.ChatMessagesH\x00\x12,\n\x08sampling\x18\x05 \x01(\x0b\x32\x1a.kvfleet.v1.SamplingParams\x12\x1e\n\x04tier\x18\x06 \x01(\x0e\x32\x10.kvfleet.v1.Tier\x12\x0e\n\x06tenant\x18\x07 \x01(\t\x12\x12\n\nrequest_id\x18\x08 \x01(\t\x12,\n\x08\x64\x65\x61\x64line\x18\t \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x14\n\x0cmax_queue_ms\x18\n \x01(\r\x12\x1a\n\x12stream_interval_ms\x18\x0b \x01(\rB\x08\n\x06prompt\"-\n\nTokenChunk\x12\x11\n\ttoken_ids\x18\x01 \x03(\r\x12\x0c\n\x04text\x18\x02 \x01(\t\"\x80\x02\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x1c\n\x14\x63\x61\x63hed_prompt_tokens\x18\x02 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x03 \x01(\r\x12\x1f\n\x17predicted_cached_tokens\x18\x04 \x01(\r\x12\x0f\n\x07node_id\x18\x05 \x01(\t\x12/\n\rfinish_reason\x18\x06 \x01(\x0e\x32\x18.kvfleet.v1.FinishReason\x12\x12\n\nrequest_id\x18\x07 \x01(\t\x12\x10\n\x08\x61ttempts\x18\x08 \x01(\r\x12\x1e\n\x04tier\x18\t \x01(\x0e\x32\x10.kvfleet.v1.Tier\"g\n\x10GenerateResponse\x12\'\n\x05\x63hunk\x18\x01 \x01(\x0b\x32\x16.kvfleet.v1.TokenChunkH\x00\x12\"\n\x05usage\x18\x02 \x01(\x0b\x32\x11.kvfleet.v1.UsageH\x00\x42\x06\n\x04kind\"\xd1\x01\n\x0e\x43\x61ndidateScore\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\x12\x1f\n\x17predicted_cached_tokens\x18\x03 \x01(\r\x12\x1d\n\x15queued_prefill_tokens\x18\x04 \x01(\x04\x12\x0f\n\x07running\x18\x05 \x01(\r\x12\x10\n\x08kv_usage\x18\x06 \x01(\x02\x12\x18\n\x10\x65stimated_ttft_s\x18\x07 \x01(\x01\x12\x10\n\x08\x65ligible\x18\x08 \x01(\x08\x12\x0e\n\x06reason\x18\t \x01(\t\"\xd1\x01\n\x14\x45xplainRouteResponse\x12\r\n\x05model\x18\x01 \x01(\t\x12\x15\n\rprompt_tokens\x18\x02 \x01(\r\x12\x12\n\nblock_size\x18\x03 \x01(\r\x12\x16\n\x0epicked_node_id\x18\x04 \x01(\t\x12.\n\ncandidates\x18\x05 \x03(\x0b\x32\x1a.kvfleet.v1.CandidateScore\x12\x13\n\x0btokenize_us\x18\x06 \x01(\x01\x12\x0f\n\x07hash_us\x18\x07 \x01(\x01\x12\x11\n\tdecide_us\x18\x08 \x01(\x01\x32\xa3\x01\n\tInference\x12G\n\x08Generate\x12\x1b.kvfleet.v1.GenerateRequest\x1a\x1c.kvfleet.v1.GenerateResponse0\x01\x12M\n\x0c\x45xplainRoute\x12\x1b.kvfleet.v1.GenerateRequest\x1a .kvfleet.v1.ExplainRouteResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -34,17 +34,17 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'kvfleet.v1.inference_pb2', 
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_GENERATEREQUEST']._serialized_start=101
-  _globals['_GENERATEREQUEST']._serialized_end=426
-  _globals['_TOKENCHUNK']._serialized_start=428
-  _globals['_TOKENCHUNK']._serialized_end=473
-  _globals['_USAGE']._serialized_start=476
-  _globals['_USAGE']._serialized_end=732
-  _globals['_GENERATERESPONSE']._serialized_start=734
-  _globals['_GENERATERESPONSE']._serialized_end=837
-  _globals['_CANDIDATESCORE']._serialized_start=840
-  _globals['_CANDIDATESCORE']._serialized_end=1049
-  _globals['_EXPLAINROUTERESPONSE']._serialized_start=1052
-  _globals['_EXPLAINROUTERESPONSE']._serialized_end=1261
-  _globals['_INFERENCE']._serialized_start=1264
-  _globals['_INFERENCE']._serialized_end=1427
+  _globals['_GENERATEREQUEST']._serialized_end=454
+  _globals['_TOKENCHUNK']._serialized_start=456
+  _globals['_TOKENCHUNK']._serialized_end=501
+  _globals['_USAGE']._serialized_start=504
+  _globals['_USAGE']._serialized_end=760
+  _globals['_GENERATERESPONSE']._serialized_start=762
+  _globals['_GENERATERESPONSE']._serialized_end=865
+  _globals['_CANDIDATESCORE']._serialized_start=868
+  _globals['_CANDIDATESCORE']._serialized_end=1077
+  _globals['_EXPLAINROUTERESPONSE']._serialized_start=1080
+  _globals['_EXPLAINROUTERESPONSE']._serialized_end=1289
+  _globals['_INFERENCE']._serialized_start=1292
+  _globals['_INFERENCE']._serialized_end=1455
 # @@protoc_insertion_point(module_scope)

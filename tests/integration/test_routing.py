@@ -136,3 +136,47 @@ def test_stop_string_ends_the_stream_and_never_reaches_the_client(cluster):
     cut, usage = run([stop])
     assert cut == full[: full.find(stop)]
     assert usage.finish_reason == compb.FINISH_REASON_STOP
+
+
+def _chunks(cluster, **fields):
+    from kvfleet.v1 import inference_pb2 as ipb
+
+    req = ipb.GenerateRequest(model="kvfleet-sim", text="a stream of tokens, merged or not", **fields)
+    req.sampling.max_tokens = 60
+    req.sampling.seed = 11
+    chunks, usage = [], None
+    for msg in cluster.inf().Generate(req, timeout=30):
+        if msg.HasField("chunk"):
+            chunks.append((list(msg.chunk.token_ids), msg.chunk.text))
+        else:
+            usage = msg.usage
+    return chunks, usage
+
+
+def test_a_stream_interval_merges_tokens_into_fewer_chunks_with_the_same_output(cluster):
+    from kvfleet.v1 import common_pb2 as compb
+
+    # Sim nodes decode a token every 10 ms: 60 tokens take about 0.6 s.
+    every, u1 = _chunks(cluster)
+    merged, u2 = _chunks(cluster, stream_interval_ms=200)
+    flex, u3 = _chunks(cluster, tier=compb.TIER_FLEX)   # the flex tier's default: 100 ms
+    ids = [t for ch, _ in every for t in ch]
+    assert len(ids) == 60 == u1.completion_tokens == u2.completion_tokens == u3.completion_tokens
+    for chunks in (merged, flex):
+        assert [t for ch, _ in chunks for t in ch] == ids
+        assert "".join(t for _, t in chunks) == "".join(t for _, t in every)
+        assert len(chunks[0][0]) == 1          # the first token is never held
+    # 0.6 s of tokens in 200 ms (100 ms) windows, plus the first token and a flushed tail.
+    assert len(merged) <= 7 and len(flex) <= 10
+    assert len(every) >= 3 * len(merged)
+
+
+def test_a_stream_interval_beyond_its_limit_is_refused_naming_the_field(cluster):
+    import grpc
+
+    with pytest.raises(grpc.RpcError) as exc:
+        _chunks(cluster, stream_interval_ms=60_001)
+    assert exc.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "stream_interval_ms" in exc.value.details()
+    r = cluster.cli("generate", "hi", "--stream-interval-ms", "-5")
+    assert r.returncode != 0 and "--stream-interval-ms" in r.stderr
