@@ -245,10 +245,12 @@ class LiveResult:
     error: str = ""
 
 
-async def _generate(stub, prompt: list[int], max_tokens: int, res: LiveResult, timeout: float) -> None:
+async def _generate(stub, prompt: list[int], max_tokens: int, res: LiveResult, timeout: float,
+                    tier: int = 0, stream_interval_ms: int = 0) -> None:
     from kvfleet.v1 import inference_pb2 as ipb
 
-    req = ipb.GenerateRequest(model=MODEL, token_ids={"ids": prompt}, request_id=uuid.uuid4().hex)
+    req = ipb.GenerateRequest(model=MODEL, token_ids={"ids": prompt}, request_id=uuid.uuid4().hex, tier=tier,
+                              stream_interval_ms=stream_interval_ms)
     req.sampling.max_tokens = max_tokens
     req.sampling.temperature = 0.0
     t0 = time.perf_counter()
@@ -291,54 +293,61 @@ async def replay(router: str, requests: list[TraceRequest], arrival_scale: float
     return results, end - t0
 
 
-async def _direct(addr: str, prompt: list[int], max_tokens: int) -> float:
-    """TTFT of ``prompt`` sent straight to the node agent at ``addr``, seconds."""
+async def _direct(stub, prompt: list[int], max_tokens: int) -> float:
+    """TTFT of ``prompt`` sent straight to a node agent (``stub`` on a long-lived channel), seconds."""
     from kvfleet.v1 import node_pb2 as npb
-    from kvfleet.v1 import node_pb2_grpc as npbg
 
     req = npb.NodeGenerateRequest(request_id=uuid.uuid4().hex, model=MODEL, prompt_token_ids=prompt)
     req.sampling.max_tokens = max_tokens
     req.sampling.temperature = 0.0
-    async with grpc.aio.insecure_channel(addr, options=_GRPC_OPTS) as ch:
-        t0 = time.perf_counter()
-        ttft = math.nan
-        async for msg in npbg.NodeAgentStub(ch).Generate(req, timeout=60):
-            if msg.WhichOneof("kind") == "tokens" and math.isnan(ttft):
-                ttft = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    ttft = math.nan
+    async for msg in stub.Generate(req, timeout=60):
+        if msg.WhichOneof("kind") == "tokens" and math.isnan(ttft):
+            ttft = time.perf_counter() - t0
     return ttft
 
 
 async def added_latency(fleet: LiveFleet, samples: int, prompt_tokens: int = 256, seed: int = 1) -> dict:
     """TTFT through the router vs straight to the node it picked, same cached prompt,
-    alternating which goes first; one fresh channel per direct call and a long-lived
-    one for the router (as a client would keep)."""
+    alternating which goes first; every channel (the client's to the router and to each
+    node) is long-lived and connected before the first timing, as a client keeps them."""
     from kvfleet.v1 import inference_pb2_grpc as ipbg
+    from kvfleet.v1 import node_pb2_grpc as npbg
 
     rng = np.random.default_rng(seed)
     routed, direct = [], []
-    async with grpc.aio.insecure_channel(fleet.router, options=_GRPC_OPTS) as ch:
-        stub = ipbg.InferenceStub(ch)
-        for i in range(samples):
-            prompt = rng.integers(0, 256, prompt_tokens).tolist()
-            warm = LiveResult(prompt_tokens, 1)
-            await _generate(stub, prompt, 1, warm, 60)           # caches the prompt; learns the node
-            if warm.error or warm.node_id not in fleet.node_addr:
-                continue
-            addr = fleet.node_addr[warm.node_id]
-            for order in ((0, 1) if i % 2 == 0 else (1, 0)):
-                if order == 0:
-                    r = LiveResult(prompt_tokens, 1)
-                    await _generate(stub, prompt, 1, r, 60)
-                    if not r.error:
-                        routed.append(r.ttft_s)
-                else:
-                    direct.append(await _direct(addr, prompt, 1))
+    node_channels = {nid: grpc.aio.insecure_channel(addr, options=_GRPC_OPTS) for nid, addr in fleet.node_addr.items()}
+    try:
+        node_stubs = {nid: npbg.NodeAgentStub(ch) for nid, ch in node_channels.items()}
+        async with grpc.aio.insecure_channel(fleet.router, options=_GRPC_OPTS) as ch:
+            stub = ipbg.InferenceStub(ch)
+            for i in range(samples):
+                prompt = rng.integers(0, 256, prompt_tokens).tolist()
+                warm = LiveResult(prompt_tokens, 1)
+                await _generate(stub, prompt, 1, warm, 60)           # caches the prompt; learns the node
+                if warm.error or warm.node_id not in node_stubs:
+                    continue
+                node = node_stubs[warm.node_id]
+                await _direct(node, prompt, 1)                        # connects the node's channel
+                for order in ((0, 1) if i % 2 == 0 else (1, 0)):
+                    if order == 0:
+                        r = LiveResult(prompt_tokens, 1)
+                        await _generate(stub, prompt, 1, r, 60)
+                        if not r.error:
+                            routed.append(r.ttft_s)
+                    else:
+                        direct.append(await _direct(node, prompt, 1))
+    finally:
+        for c in node_channels.values():
+            await c.close()
     med = (lambda a: float(np.median(a)) if a else math.nan)
     return {"samples": min(len(routed), len(direct)), "routed_ttft_p50_s": med(routed), "direct_ttft_p50_s": med(direct),
             "added_p50_s": med(routed) - med(direct)}
 
 
-async def _burst(router: str, n: int, max_tokens: int, concurrency: int, seed: int) -> tuple[int, int]:
+async def _burst(router: str, n: int, max_tokens: int, concurrency: int, seed: int, tier: int = 0,
+                 stream_interval_ms: int = 0) -> tuple[int, int]:
     """``n`` requests of 128 random tokens, ``concurrency`` at a time; returns
     (requests completed, stream messages the router sent)."""
     from kvfleet.v1 import inference_pb2_grpc as ipbg
@@ -352,29 +361,43 @@ async def _burst(router: str, n: int, max_tokens: int, concurrency: int, seed: i
 
         async def one(i: int) -> None:
             async with sem:
-                await _generate(stub, prompts[i], max_tokens, results[i], 120)
+                await _generate(stub, prompts[i], max_tokens, results[i], 120, tier, stream_interval_ms)
 
         await asyncio.gather(*(one(i) for i in range(n)))
     return sum(1 for r in results if not r.error), sum(r.messages for r in results)
 
 
-async def router_cpu(fleet: LiveFleet, requests: int, long_tokens: int = 32, concurrency: int = 32) -> dict:
+async def router_cpu(fleet: LiveFleet, requests: int, long_tokens: int = 32, concurrency: int = 32,
+                     time_scale: float = 1.0) -> dict:
     """Router CPU per request and per relayed message, from two bursts (1 and
-    ``long_tokens`` output tokens) after subtracting the process's idle rate."""
+    ``long_tokens`` output tokens) after subtracting the process's idle rate. A third
+    burst, like the second but in the flex tier (chunks at least 100 ms of preset time
+    apart), gives the CPU per token when tokens are merged into fewer messages."""
     pid = fleet.pid("router")
     c0, t0 = cpu_seconds(pid), time.perf_counter()
     await asyncio.sleep(2.0)
     idle_rate = (cpu_seconds(pid) - c0) / (time.perf_counter() - t0)
+    from kvfleet.v1 import common_pb2 as cpb
+
     phases = []
-    for k, tokens in enumerate((1, long_tokens)):
+    flex_ms = max(1, round(100 * time_scale))
+    for k, (tokens, tier, interval) in enumerate(((1, 0, 0), (long_tokens, 0, 0), (long_tokens, cpb.TIER_FLEX, flex_ms))):
         c0, t0 = cpu_seconds(pid), time.perf_counter()
-        done, msgs = await _burst(fleet.router, requests, tokens, concurrency, seed=100 + k)
+        done, msgs = await _burst(fleet.router, requests, tokens, concurrency, seed=100 + k, tier=tier,
+                                  stream_interval_ms=interval)
         wall = time.perf_counter() - t0
         phases.append((done, msgs, max(0.0, cpu_seconds(pid) - c0 - idle_rate * wall), wall))
-    (n1, m1, c1, _), (n2, m2, c2, _) = phases
+    (n1, m1, c1, _), (n2, m2, c2, _), (n3, m3, c3, _) = phases
     per_msg = (c2 / max(n2, 1) - c1 / max(n1, 1)) / max(m2 / max(n2, 1) - m1 / max(n1, 1), 1e-9)
     per_req = c1 / max(n1, 1) - per_msg * m1 / max(n1, 1)
+    per_tok = {   # CPU beyond a one-token request's, per extra token: every token vs merged
+        "default": (c2 / max(n2, 1) - c1 / max(n1, 1)) / max(long_tokens - 1, 1),
+        "flex": (c3 / max(n3, 1) - c1 / max(n1, 1)) / max(long_tokens - 1, 1),
+    }
     return {
+        "flex": {"requests": n3, "messages": m3, "cpu_s": c3, "output_tokens": long_tokens,
+                 "stream_interval_ms": flex_ms},
+        "cpu_us_per_token": {k: v * 1e6 for k, v in per_tok.items()},
         "idle_cpu_fraction": idle_rate,
         "short": {"requests": n1, "messages": m1, "cpu_s": c1, "output_tokens": 1},
         "long": {"requests": n2, "messages": m2, "cpu_s": c2, "output_tokens": long_tokens},
@@ -456,7 +479,7 @@ def run_live_policy(policy: str, requests: list[TraceRequest], config: SimConfig
         overhead: dict = {}
         if overhead_requests > 0:
             overhead["latency"] = asyncio.run(added_latency(fleet, max(5, overhead_requests // 10)))
-            overhead["cpu"] = asyncio.run(router_cpu(fleet, overhead_requests))
+            overhead["cpu"] = asyncio.run(router_cpu(fleet, overhead_requests, time_scale=time_scale))
     finally:
         fleet.stop()
         # etcd preallocates ~60 MB of WAL; the logs (kept) are what a reader may want.
@@ -534,7 +557,10 @@ def print_live_report(report: dict, console) -> None:
                 f"(router {lat['routed_ttft_p50_s'] * 1e3:.2f} ms vs direct {lat['direct_ttft_p50_s'] * 1e3:.2f} ms, "
                 f"{lat['samples']} pairs, real time); CPU {cpu['cpu_us_per_request']:.0f} µs/request + "
                 f"{cpu['cpu_us_per_message']:.1f} µs/message (idle {cpu['idle_cpu_fraction'] * 100:.1f} % of a core "
-                f"subtracted)")
+                f"subtracted); per token beyond the first: {cpu['cpu_us_per_token']['default']:.1f} µs one message each, "
+                f"{cpu['cpu_us_per_token']['flex']:.1f} µs merged (flex tier, "
+                f"{cpu['flex']['messages'] / max(cpu['flex']['requests'], 1):.1f} messages per "
+                f"{cpu['flex']['output_tokens']}-token request)")
         if r["errors"]:
             console.print(f"[red]{r['policy']} errors: {r['errors']}[/red]")
 

@@ -60,4 +60,9 @@ def test_live_bench_completes_every_request_and_reports_every_figure(tmp_path):
     assert cpu["short"]["requests"] == cpu["long"]["requests"] == 20
     assert cpu["long"]["messages"] > cpu["short"]["messages"]
     assert math.isfinite(cpu["cpu_us_per_request"]) and math.isfinite(cpu["cpu_us_per_message"])
+    # The flex burst's tokens come merged (chunks 100 ms of preset time apart): 32 tokens
+    # decode in well under 0.5 s of preset time, so a handful of messages instead of 33.
+    assert cpu["flex"]["requests"] == 20
+    assert cpu["flex"]["messages"] * 3 <= cpu["long"]["messages"]
+    assert set(cpu["cpu_us_per_token"]) == {"default", "flex"}
     assert took < 120

@@ -1,0 +1,315 @@
+"""The router's live overhead against the floor of any Python gRPC relay, in one call.
+
+Three relays, each a real process between a real client and real upstream processes on
+127.0.0.1, measured the same way:
+
+* ``floor-call``: a bare ``grpc.aio`` relay, one upstream call per request (what the router
+  did before ``NodeAgent.Serve``): a server streaming K raw-byte messages, the relay
+  forwarding each, no routing, no protobuf, no bookkeeping;
+* ``floor-mux``: the same over one multiplexed upstream stream, the upstream batching the
+  messages that are ready at once (what the router does now);
+* ``kvfleet``: the real router (`router run`, auth off) in front of ``--nodes`` sim node
+  agents of the ``h100-llama3-8b`` preset at ``--time-scale`` (1: real H100 speed), with
+  etcd and a controller (`controller/sim/live.py`).
+
+For each: the relay's CPU (utime + stime from /proc) over bursts of ``--requests``
+requests, 32 at a time, of 1 and of 32 output messages, after its idle rate is subtracted:
+the difference gives CPU per message, the rest CPU per request; and the relay's added
+latency: time to the first message through the relay minus straight to the upstream,
+alternating, medians over ``--samples`` pairs. For kvfleet also the CPU per token when a
+32-token request's tokens are merged into chunks at least 100 ms apart (the flex tier).
+Prints the figures and the router's ratio to each floor; ``--json OUT`` keeps them.
+
+    .venv/bin/python bench/bench_overhead.py [--nodes 2] [--time-scale 1] [--requests 1000] [--reps 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections import deque
+from pathlib import Path
+
+import grpc
+
+_CLK_TCK = os.sysconf("SC_CLK_TCK")
+CONCURRENCY = 32
+LONG = 32
+
+
+def _raw(b: bytes) -> bytes:
+    return b
+
+
+def cpu_seconds(pid: int) -> float:
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / _CLK_TCK
+
+
+# ---------------------------------------------------------------------------- floor processes
+
+async def _upstream(port: int) -> None:
+    """Streams K 8-byte messages per request (K: the request's first 4 bytes); ``Mux``
+    serves many requests over one stream, batching what is ready at once."""
+
+    async def gen(req, ctx):
+        for _ in range(int.from_bytes(req[:4], "little")):
+            yield b"t" * 8
+
+    async def mux(reqs, ctx):
+        ready: list[bytes] = []
+        wake = asyncio.Event()
+
+        async def run(sid: bytes, k: int) -> None:
+            for i in range(k):
+                await asyncio.sleep(0)     # one token per loop turn, like an engine step
+                ready.append(sid + (b"\x01" if i == k - 1 else b"\x00") + b"t" * 8)
+                wake.set()
+
+        async def pump() -> None:
+            async for r in reqs:
+                asyncio.ensure_future(run(r[:4], int.from_bytes(r[4:8], "little")))
+
+        task = asyncio.ensure_future(pump())
+        try:
+            while True:
+                await wake.wait()
+                wake.clear()
+                if ready:
+                    batch, ready[:] = b"".join(ready), []
+                    yield batch
+        finally:
+            task.cancel()
+
+    server = grpc.aio.server()
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler("floor.Up", {
+        "Gen": grpc.unary_stream_rpc_method_handler(gen, _raw, _raw),
+        "Mux": grpc.stream_stream_rpc_method_handler(mux, _raw, _raw),
+    }),))
+    server.add_insecure_port(f"127.0.0.1:{port}")
+    await server.start()
+    print("ready", flush=True)
+    await server.wait_for_termination()
+
+
+async def _relay_call(port: int, up: int) -> None:
+    ch = grpc.aio.insecure_channel(f"127.0.0.1:{up}")
+    call = ch.unary_stream("/floor.Up/Gen", request_serializer=_raw, response_deserializer=_raw)
+
+    async def gen(req, ctx):
+        async for m in call(req):
+            yield m
+
+    await _serve_relay(port, gen)
+
+
+async def _relay_mux(port: int, up: int) -> None:
+    ch = grpc.aio.insecure_channel(f"127.0.0.1:{up}")
+    out: deque[bytes] = deque()
+    out_wake = asyncio.Event()
+    streams: dict[int, tuple[deque, asyncio.Event]] = {}
+    counter = [0]
+
+    async def requests():
+        while True:
+            while out:
+                yield out.popleft()
+            out_wake.clear()
+            await out_wake.wait()
+
+    upstream = ch.stream_stream("/floor.Up/Mux", request_serializer=_raw, response_deserializer=_raw)(requests())
+
+    async def read() -> None:
+        async for batch in upstream:
+            for off in range(0, len(batch), 13):
+                s = streams.get(int.from_bytes(batch[off:off + 4], "little"))
+                if s is not None:
+                    s[0].append(batch[off + 4:off + 13])
+                    s[1].set()
+
+    reader = asyncio.ensure_future(read())
+
+    async def gen(req, ctx):
+        counter[0] += 1
+        sid = counter[0]
+        q, ev = deque(), asyncio.Event()
+        streams[sid] = (q, ev)
+        out.append(sid.to_bytes(4, "little") + req)
+        out_wake.set()
+        try:
+            while True:
+                while not q:
+                    ev.clear()
+                    await ev.wait()
+                item = q.popleft()
+                yield item[1:]
+                if item[0]:
+                    return
+        finally:
+            streams.pop(sid, None)
+
+    await _serve_relay(port, gen)
+    reader.cancel()
+
+
+async def _serve_relay(port: int, gen) -> None:
+    server = grpc.aio.server()
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(
+        "floor.Relay", {"Gen": grpc.unary_stream_rpc_method_handler(gen, _raw, _raw)}),))
+    server.add_insecure_port(f"127.0.0.1:{port}")
+    await server.start()
+    print("ready", flush=True)
+    await server.wait_for_termination()
+
+
+# ---------------------------------------------------------------------------- floor client
+
+async def _floor_burst(port: int, n: int, k: int) -> int:
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as ch:
+        call = ch.unary_stream("/floor.Relay/Gen", request_serializer=_raw, response_deserializer=_raw)
+        sem = asyncio.Semaphore(CONCURRENCY)
+        msgs = 0
+
+        async def one() -> None:
+            nonlocal msgs
+            async with sem:
+                async for _ in call(k.to_bytes(4, "little") + b"x" * 512):   # ~128 token ids' worth
+                    msgs += 1
+
+        await asyncio.gather(*(one() for _ in range(n)))
+    return msgs
+
+
+async def _floor_latency(relay: int, up: int, samples: int) -> dict:
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{relay}") as rch, grpc.aio.insecure_channel(f"127.0.0.1:{up}") as uch:
+        via = rch.unary_stream("/floor.Relay/Gen", request_serializer=_raw, response_deserializer=_raw)
+        direct = uch.unary_stream("/floor.Up/Gen", request_serializer=_raw, response_deserializer=_raw)
+        req = (1).to_bytes(4, "little") + b"x" * 512
+
+        async def first(call) -> float:
+            t0 = time.perf_counter()
+            async for _ in call(req):
+                return time.perf_counter() - t0
+            return float("nan")
+
+        await first(via), await first(direct)
+        a, b = [], []
+        for i in range(samples):
+            for which in ((0, 1) if i % 2 == 0 else (1, 0)):
+                (a if which == 0 else b).append(await first(via if which == 0 else direct))
+    return {"samples": samples, "routed_ttft_p50_s": statistics.median(a), "direct_ttft_p50_s": statistics.median(b),
+            "added_p50_s": statistics.median(a) - statistics.median(b)}
+
+
+def _per(phases: list[tuple[int, int, float]]) -> dict:
+    (n1, m1, c1), (n2, m2, c2) = phases
+    per_msg = (c2 / n2 - c1 / n1) / max(m2 / n2 - m1 / n1, 1e-9)
+    per_req = c1 / n1 - per_msg * m1 / n1
+    return {"cpu_us_per_request": per_req * 1e6, "cpu_us_per_message": per_msg * 1e6,
+            "messages_per_request": [m1 / n1, m2 / n2]}
+
+
+def run_floor(kind: str, requests: int, reps: int, samples: int) -> dict:
+    from kvfleet.controller.sim.live import _free_port
+
+    up, relay = _free_port(), _free_port()
+    me = [sys.executable, os.path.abspath(__file__)]
+    procs = [subprocess.Popen(me + ["_up", str(up)], stdout=subprocess.PIPE, text=True)]
+    procs.append(subprocess.Popen(me + [f"_relay-{kind}", str(relay), str(up)], stdout=subprocess.PIPE, text=True))
+    try:
+        for p in procs:
+            if p.stdout.readline().strip() != "ready":
+                raise RuntimeError(f"floor process {p.args} did not start")
+        pid = procs[1].pid
+        asyncio.run(_floor_burst(relay, 100, 4))   # warm up
+        c0, t0 = cpu_seconds(pid), time.perf_counter()
+        time.sleep(1.0)
+        idle = (cpu_seconds(pid) - c0) / (time.perf_counter() - t0)
+        runs = []
+        for _ in range(reps):
+            phases = []
+            for k in (1, LONG):
+                c0, t0 = cpu_seconds(pid), time.perf_counter()
+                msgs = asyncio.run(_floor_burst(relay, requests, k))
+                wall = time.perf_counter() - t0
+                phases.append((requests, msgs, max(0.0, cpu_seconds(pid) - c0 - idle * wall)))
+            runs.append(_per(phases))
+        lat = asyncio.run(_floor_latency(relay, up, samples))
+    finally:
+        for p in procs:
+            p.kill()
+            p.wait()
+    return {"runs": runs, "latency": lat}
+
+
+# ---------------------------------------------------------------------------- the router
+
+def run_router(nodes: int, time_scale: float, requests: int, reps: int, samples: int) -> dict:
+    from kvfleet.controller.sim.live import added_latency, router_cpu, scaled_config, start_fleet
+    from kvfleet.controller.sim.presets import preset_config
+
+    data = Path(tempfile.mkdtemp(prefix="kvfleet-overhead-"))
+    fleet = start_fleet(data, nodes, scaled_config(preset_config("h100-llama3-8b"), time_scale), "kvfleet")
+    try:
+        runs = [asyncio.run(router_cpu(fleet, requests, LONG, CONCURRENCY, time_scale=time_scale)) for _ in range(reps)]
+        lat = asyncio.run(added_latency(fleet, samples))
+    finally:
+        fleet.stop()
+    return {"runs": runs, "latency": lat, "data_dir": str(data)}
+
+
+def main() -> None:
+    if len(sys.argv) > 1 and sys.argv[1].startswith("_"):
+        role, args = sys.argv[1], [int(a) for a in sys.argv[2:]]
+        asyncio.run({"_up": lambda: _upstream(*args), "_relay-call": lambda: _relay_call(*args),
+                     "_relay-mux": lambda: _relay_mux(*args)}[role]())
+        return
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--nodes", type=int, default=2, help="sim node agents behind the router")
+    ap.add_argument("--time-scale", type=float, default=1.0, help="sim engines this many times slower than the preset")
+    ap.add_argument("--requests", type=int, default=1000, help="requests per burst")
+    ap.add_argument("--reps", type=int, default=2, help="burst pairs per relay (each reported)")
+    ap.add_argument("--samples", type=int, default=100, help="latency pairs per relay")
+    ap.add_argument("--json", type=Path, default=None, help="write the figures here")
+    a = ap.parse_args()
+    if a.nodes < 1 or a.requests < 32 or a.reps < 1 or a.samples < 1 or a.time_scale <= 0:
+        ap.error("--nodes, --reps and --samples must be >= 1, --requests >= 32, --time-scale > 0")
+    out = {
+        "floor-call": run_floor("call", a.requests, a.reps, a.samples),
+        "floor-mux": run_floor("mux", a.requests, a.reps, a.samples),
+        "kvfleet": run_router(a.nodes, a.time_scale, a.requests, a.reps, a.samples),
+        "config": {"nodes": a.nodes, "time_scale": a.time_scale, "requests": a.requests, "reps": a.reps,
+                   "concurrency": CONCURRENCY, "long_tokens": LONG},
+    }
+    print(f"{a.requests} requests per burst, {CONCURRENCY} at a time; kvfleet: {a.nodes} sim nodes at time scale {a.time_scale:g}")
+    print(f"{'relay':<11} {'CPU µs/request':>16} {'µs/message':>12} {'µs/token merged':>16} {'added TTFT p50 ms':>18}")
+    best = {}
+    for name in ("floor-call", "floor-mux", "kvfleet"):
+        r = out[name]
+        req = [x["cpu_us_per_request"] for x in r["runs"]]
+        msg = [x["cpu_us_per_message"] for x in r["runs"]]
+        tok = [x["cpu_us_per_token"]["flex"] for x in r["runs"]] if name == "kvfleet" else []
+        best[name] = (min(req), min(msg), r["latency"]["added_p50_s"] * 1e3)
+        rng = lambda v: f"{min(v):,.0f}-{max(v):,.0f}" if len(v) > 1 else f"{v[0]:,.0f}"
+        rng1 = lambda v: f"{min(v):.1f}-{max(v):.1f}" if len(v) > 1 else f"{v[0]:.1f}"
+        print(f"{name:<11} {rng(req):>16} {rng1(msg):>12} {rng1(tok) if tok else '-':>16} {r['latency']['added_p50_s'] * 1e3:>18.2f}")
+    k = best["kvfleet"]
+    for floor in ("floor-call", "floor-mux"):
+        f = best[floor]
+        print(f"kvfleet / {floor} (best runs): CPU per request {k[0] / f[0]:.2f}x, per message {k[1] / f[1]:.2f}x, "
+              f"added TTFT {k[2] / f[2]:.2f}x" if f[2] > 0 else "")
+    print("targets: <= 500 µs CPU per request, <= 25 µs per relayed message, <= 1 ms added TTFT p50")
+    if a.json:
+        a.json.write_text(json.dumps(out, indent=2))
+
+
+if __name__ == "__main__":
+    main()
