@@ -40,6 +40,9 @@ from pathlib import Path
 import grpc
 
 _CLK_TCK = os.sysconf("SC_CLK_TCK")
+# A port already taken must fail the bind, not be shared (gRPC sets SO_REUSEPORT by default).
+_NO_REUSEPORT = [("grpc.so_reuseport", 0)]
+BURST_TIMEOUT_S = 300.0
 CONCURRENCY = 32
 LONG = 32
 
@@ -89,7 +92,7 @@ async def _upstream(port: int) -> None:
         finally:
             task.cancel()
 
-    server = grpc.aio.server()
+    server = grpc.aio.server(options=_NO_REUSEPORT)
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler("floor.Up", {
         "Gen": grpc.unary_stream_rpc_method_handler(gen, _raw, _raw),
         "Mux": grpc.stream_stream_rpc_method_handler(mux, _raw, _raw),
@@ -128,12 +131,16 @@ async def _relay_mux(port: int, up: int) -> None:
     upstream = ch.stream_stream("/floor.Up/Mux", request_serializer=_raw, response_deserializer=_raw)(requests())
 
     async def read() -> None:
-        async for batch in upstream:
-            for off in range(0, len(batch), 13):
-                s = streams.get(int.from_bytes(batch[off:off + 4], "little"))
-                if s is not None:
-                    s[0].append(batch[off + 4:off + 13])
-                    s[1].set()
+        try:
+            async for batch in upstream:
+                for off in range(0, len(batch), 13):
+                    s = streams.get(int.from_bytes(batch[off:off + 4], "little"))
+                    if s is not None:
+                        s[0].append(batch[off + 4:off + 13])
+                        s[1].set()
+        except BaseException as exc:   # fail loudly: the bench times out rather than wait
+            print(f"floor-mux upstream failed: {exc!r}", file=sys.stderr, flush=True)
+            os._exit(1)
 
     reader = asyncio.ensure_future(read())
 
@@ -161,7 +168,7 @@ async def _relay_mux(port: int, up: int) -> None:
 
 
 async def _serve_relay(port: int, gen) -> None:
-    server = grpc.aio.server()
+    server = grpc.aio.server(options=_NO_REUSEPORT)
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(
         "floor.Relay", {"Gen": grpc.unary_stream_rpc_method_handler(gen, _raw, _raw)}),))
     server.add_insecure_port(f"127.0.0.1:{port}")
@@ -220,16 +227,20 @@ def _per(phases: list[tuple[int, int, float]]) -> dict:
 def run_floor(kind: str, requests: int, reps: int, samples: int) -> dict:
     from kvfleet.controller.sim.live import _free_port
 
-    up, relay = _free_port(), _free_port()
+    up = _free_port()
+    relay = _free_port()
+    while relay == up:
+        relay = _free_port()
     me = [sys.executable, os.path.abspath(__file__)]
-    procs = [subprocess.Popen(me + ["_up", str(up)], stdout=subprocess.PIPE, text=True)]
-    procs.append(subprocess.Popen(me + [f"_relay-{kind}", str(relay), str(up)], stdout=subprocess.PIPE, text=True))
+    procs: list[subprocess.Popen] = []
     try:
-        for p in procs:
+        # The relay dials the upstream as it starts: start it once the upstream listens.
+        for args in (["_up", str(up)], [f"_relay-{kind}", str(relay), str(up)]):
+            procs.append(p := subprocess.Popen(me + args, stdout=subprocess.PIPE, text=True))
             if p.stdout.readline().strip() != "ready":
                 raise RuntimeError(f"floor process {p.args} did not start")
         pid = procs[1].pid
-        asyncio.run(_floor_burst(relay, 100, 4))   # warm up
+        asyncio.run(asyncio.wait_for(_floor_burst(relay, 100, 4), BURST_TIMEOUT_S))   # warm up
         c0, t0 = cpu_seconds(pid), time.perf_counter()
         time.sleep(1.0)
         idle = (cpu_seconds(pid) - c0) / (time.perf_counter() - t0)
@@ -238,13 +249,13 @@ def run_floor(kind: str, requests: int, reps: int, samples: int) -> dict:
             phases = []
             for k in (1, LONG):
                 c0, t0 = cpu_seconds(pid), time.perf_counter()
-                msgs = asyncio.run(_floor_burst(relay, requests, k))
+                msgs = asyncio.run(asyncio.wait_for(_floor_burst(relay, requests, k), BURST_TIMEOUT_S))
                 wall = time.perf_counter() - t0
                 phases.append((requests, msgs, max(0.0, cpu_seconds(pid) - c0 - idle * wall)))
             runs.append(_per(phases))
-        lat = asyncio.run(_floor_latency(relay, up, samples))
+        lat = asyncio.run(asyncio.wait_for(_floor_latency(relay, up, samples), BURST_TIMEOUT_S))
     finally:
-        for p in procs:
+        for p in reversed(procs):   # the relay first: its upstream going away is not an error
             p.kill()
             p.wait()
     return {"runs": runs, "latency": lat}
