@@ -84,6 +84,12 @@ def _gc_timer(phase: str, info: dict) -> None:
         GC_PAUSE.labels(str(info.get("generation", -1))).observe(time.perf_counter() - _gc_started[0])
 
 
+# A port another process holds must fail the bind with a clear error, not be shared with it
+# (gRPC sets SO_REUSEPORT by default, so a second router on the same port would silently
+# take half of the connections).
+NO_REUSEPORT = [("grpc.so_reuseport", 0)]
+
+
 def _bind(server: grpc.aio.Server, listen: str, flag: str) -> int:
     try:
         port = server.add_insecure_port(listen)
@@ -134,7 +140,7 @@ async def _register_router(registry: Registry, cfg: RouterConfig, admission=None
             await registry.revoke_lease(lease)
 
 
-async def _serve_router(cfg: RouterConfig, registry: Registry):
+async def _serve_router(cfg: RouterConfig, registry: Registry, listen_flag: str = "--router-listen"):
     from kvfleet.controller.router import cost, probe
     from kvfleet.controller.router.admission import build_admission
     from kvfleet.controller.router.auth import build_auth
@@ -147,7 +153,7 @@ async def _serve_router(cfg: RouterConfig, registry: Registry):
     probe.warm_up()
     fleet = Fleet(registry)
     fleet_task = asyncio.create_task(fleet.run(), name="fleet")
-    server = grpc.aio.server()
+    server = grpc.aio.server(options=NO_REUSEPORT)
     usage = build_usage_sink(cfg, registry)
     router_id = uuid.uuid4().hex[:12]
     auth, quotas = build_auth(cfg, registry), build_quotas(cfg, registry, router_id)
@@ -161,7 +167,7 @@ async def _serve_router(cfg: RouterConfig, registry: Registry):
     await auth.start()     # API keys, tenants and live routers loaded before the first request
     await quotas.start()
     h = await _health_server(server, ["kvfleet.v1.Inference"])
-    _bind(server, cfg.listen, "--router-listen")
+    _bind(server, cfg.listen, listen_flag)
     await server.start()
     await asyncio.wait_for(fleet.synced.wait(), timeout=30)
     reg_task = asyncio.create_task(_register_router(registry, cfg, admission, router_id), name="router-registration")
@@ -196,7 +202,7 @@ class _Tasks:
 async def run_router(cfg: RouterConfig, stop: asyncio.Event) -> None:
     registry = await Registry.connect(cfg.etcd, cfg.prefix)
     _metrics(cfg.metrics_listen)
-    server, fleet, task = await _serve_router(cfg, registry)
+    server, fleet, task = await _serve_router(cfg, registry, "--listen")
     settle_gc()
     print(json.dumps({"event": "router_ready", "listen": cfg.listen}), flush=True)
     try:
@@ -224,7 +230,7 @@ async def run_controller(cfg: ControllerConfig, stop: asyncio.Event) -> None:
     await membership.load_state()
     _metrics(cfg.metrics_listen)
     cfg.data_dir.mkdir(parents=True, exist_ok=True)
-    server = grpc.aio.server()
+    server = grpc.aio.server(options=NO_REUSEPORT)
     cpbg.add_ControllerServicer_to_server(ControllerService(membership), server)
     tpbg.add_TenantsServicer_to_server(TenantsService(TenantStore(registry)), server)
     accounting = Accounting(registry, cfg.data_dir, cfg.prices)   # usage ledger: drains the routers' inbox

@@ -220,3 +220,18 @@ def test_restarted_agent_rejoins_as_the_same_node_with_its_credential(fleet):
     again, proc2 = fleet.start_node("phoenix2", data_dir=data, token="")
     assert again == node_id
     proc2.stop()
+
+
+def test_a_router_on_a_port_another_router_holds_fails_naming_the_flag(fleet):
+    """gRPC would share the port (SO_REUSEPORT) and split the connections between the two;
+    kvfleet refuses the bind instead."""
+    import subprocess
+
+    from .conftest import KVFLEET
+
+    r = subprocess.run(KVFLEET + ["router", "run", "--etcd", fleet.etcd.endpoint, "--listen", fleet.router, "--no-auth"],
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode != 0
+    assert f"--listen {fleet.router}: cannot bind" in r.stderr
+    out, usage = fleet.generate("still served by the one router", max_tokens=3)
+    assert usage.completion_tokens == 3
