@@ -75,13 +75,15 @@ def settle_gc() -> None:
 
 
 _gc_started = [0.0]
+# Bound once: the timer runs inside every collection and must not take the metric's lock.
+_GC_PAUSE_BY_GEN = {g: GC_PAUSE.labels(str(g)) for g in range(3)}
 
 
 def _gc_timer(phase: str, info: dict) -> None:
     if phase == "start":
         _gc_started[0] = time.perf_counter()
-    else:
-        GC_PAUSE.labels(str(info.get("generation", -1))).observe(time.perf_counter() - _gc_started[0])
+    elif (h := _GC_PAUSE_BY_GEN.get(info.get("generation", -1))) is not None:
+        h.observe(time.perf_counter() - _gc_started[0])
 
 
 # A port another process holds must fail the bind with a clear error, not be shared with it

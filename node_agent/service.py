@@ -105,9 +105,14 @@ class NodeAgentService(pbg.NodeAgentServicer):
                 log.exception("node: request %s failed", request.request_id)
                 emit(pb.StreamItem(stream=stream, error=pb.StreamError(
                     code=grpc.StatusCode.INTERNAL.value[0], message=f"node agent error: {exc}")))
-            finally:
-                tasks.pop(stream, None)
-                wake.set()
+
+        def ended(stream: int, task: asyncio.Task) -> None:
+            # A done callback, not a finally: it also runs for a task cancelled before it started.
+            if tasks.get(stream) is task:
+                del tasks[stream]
+            wake.set()
+
+        failed: list[BaseException] = []
 
         async def read() -> None:
             nonlocal reading
@@ -122,10 +127,13 @@ class NodeAgentService(pbg.NodeAgentServicer):
                             emit(pb.StreamItem(stream=msg.stream, error=pb.StreamError(
                                 code=grpc.StatusCode.UNAVAILABLE.value[0], message="node is shutting down")))
                         else:
-                            tasks[msg.stream] = asyncio.create_task(run(msg.stream, msg.start))
+                            task = tasks[msg.stream] = asyncio.create_task(run(msg.stream, msg.start))
+                            task.add_done_callback(lambda t, sid=msg.stream: ended(sid, t))
                     elif kind == "cancel":
                         if (t := tasks.get(msg.stream)) is not None:
                             t.cancel()
+            except Exception as exc:   # not the caller half-closing: the stream cannot go on
+                failed.append(exc)
             finally:
                 reading = False
                 wake.set()
@@ -134,6 +142,9 @@ class NodeAgentService(pbg.NodeAgentServicer):
         self._serving.add(wake)
         try:
             while True:
+                if failed:
+                    log.warning("node: a Serve stream's requests could not be read: %s", failed[0])
+                    await context.abort(grpc.StatusCode.INTERNAL, f"reading the stream's requests failed: {failed[0]}")
                 if ready:
                     batch, ready[:] = list(ready), []
                     yield pb.ServeResponse(items=batch)

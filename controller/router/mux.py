@@ -179,9 +179,11 @@ class NodeMux:
 
     async def _requests(self):
         loop = asyncio.get_running_loop()
-        while True:
+        while not self.closed:
             while self._out:
                 yield self._out.popleft()
+            if self.closed:
+                return
             self._out_wake = loop.create_future()
             try:
                 await self._out_wake
@@ -217,11 +219,13 @@ class NodeMux:
             err = StreamError(grpc.StatusCode.INTERNAL, f"stream to {self.node_id} failed: {exc}")
         finally:
             self.closed = True
+            self._call.cancel()   # ends the node's side too (a no-op once the call is over)
             for s in streams.values():
                 s.push(err)
             streams.clear()
+            self._out.clear()
             if self._out_wake is not None and not self._out_wake.done():
-                self._out_wake.cancel()
+                self._out_wake.set_result(None)   # _requests sees closed and ends
 
     async def close(self) -> None:
         self.closed = True

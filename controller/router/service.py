@@ -363,7 +363,7 @@ class RouterService(pbg.InferenceServicer):
                 last_error = f"{cand.node_id}: {exc.code().name} {exc.details()}"
                 continue
             if remaining is not None:
-                stream.expire_at(loop.time() + remaining, "deadline exceeded")
+                stream.expire_at(loop.time() + remaining, "deadline exceeded before the first token")
             first_timeout = self.first_token_timeout_s + cand.cost_s
             if remaining is not None:
                 first_timeout = min(first_timeout, remaining)
@@ -382,7 +382,7 @@ class RouterService(pbg.InferenceServicer):
                     if exc.code() not in RETRYABLE:
                         raise RequestError(exc.code(), exc.details() or exc.code().name) from exc
                     if exc.code() == grpc.StatusCode.DEADLINE_EXCEEDED and remaining is not None:
-                        raise RequestError(exc.code(), "deadline exceeded") from exc
+                        raise RequestError(exc.code(), exc.details() or "deadline exceeded") from exc
                     ATTEMPTS.labels(cand.node_id, exc.code().name.lower()).inc()
                     last_error = f"{cand.node_id}: {exc.code().name} {exc.details()}"
                     log.warning("router: node failed before first token (%s); retrying elsewhere", last_error)
@@ -410,13 +410,26 @@ class RouterService(pbg.InferenceServicer):
         stream interval, so do the tokens made until the interval has passed."""
         detok = IncrementalDetokenizer(p.tokenizer)
         stops = StopMatcher(list(request.sampling.stop))
-        interval = p.stream_interval_s
+        # With stop strings, tokens are matched one at a time (a merged chunk ends at the
+        # token that completes a stop, not after it), and no interval holds them back: the
+        # node's work past a stop is cancelled as soon as the stop is seen.
+        interval = 0.0 if stops.stops else p.stream_interval_s
         completion = 0
         kind, value = first
         while True:
             if kind == "tokens":
+                if stops.stops and len(value) > 1:
+                    parts, stopped = [], False
+                    for i, tok in enumerate(value):
+                        part, stopped = stops.feed(detok.push([tok]))
+                        parts.append(part)
+                        if stopped:
+                            value = value[: i + 1]
+                            break
+                    text = "".join(parts)
+                else:
+                    text, stopped = stops.feed(detok.push(value))
                 completion += len(value)
-                text, stopped = stops.feed(detok.push(value))
                 yield pb.GenerateResponse(chunk=pb.TokenChunk(token_ids=value, text=text))
                 if relayed is not None:
                     relayed.completion = completion   # after the yield: what the client was given
