@@ -19,7 +19,7 @@ import numpy as np
 
 from kvfleet.controller.registry import AdminEntry, ModelEntry, NodeEntry, Registry
 from kvfleet.controller.router.index import FleetIndex
-from kvfleet.controller.router.mux import NodeMux, NodeStream
+from kvfleet.controller.router.mux import CallMux, NodeMux, NodeStream
 from kvfleet.controller.router.nodes import NodeTable, NodeView
 from kvfleet.v1 import node_pb2 as npb
 from kvfleet.v1 import node_pb2_grpc as npbg
@@ -84,13 +84,18 @@ class NodeConn:
     updated_at: float = 0.0        # monotonic time of the last state update
     approx: dict[str, ApproxCache] = field(default_factory=dict)  # model -> learned cache (no KV events)
     task: asyncio.Task | None = None
-    mux: NodeMux | None = None     # this router's requests to the node (see mux.py)
+    mux: NodeMux | CallMux | None = None   # this router's requests to the node (see mux.py)
 
     def stream(self, request: npb.NodeGenerateRequest) -> NodeStream:
         """Sends ``request`` on the node's Serve stream, opening one if there is none or
-        the last one failed."""
+        the last one failed; for a node agent without Serve, as its own Generate call."""
         if self.mux is None or self.mux.closed:
-            self.mux = NodeMux(self.stub, self.entry.node_id)
+            if isinstance(self.mux, NodeMux) and self.mux.unimplemented:
+                log.warning("router: node %s has no Serve (an older node agent): one call per request",
+                            self.entry.node_id)
+                self.mux = CallMux(self.stub, self.entry.node_id)
+            else:
+                self.mux = NodeMux(self.stub, self.entry.node_id)
         return self.mux.start(request)
 
     @property

@@ -152,6 +152,7 @@ class NodeMux:
         self.node_id = node_id
         self.streams: dict[int, NodeStream] = {}
         self.closed = False
+        self.unimplemented = False     # the node answered Serve with UNIMPLEMENTED
         self._next = 0
         self._out: deque[npb.ServeRequest] = deque()
         self._out_wake: asyncio.Future | None = None
@@ -210,7 +211,13 @@ class NodeMux:
                         e = item.error
                         s.push(StreamError(_CODES.get(e.code, grpc.StatusCode.UNKNOWN), e.message))
         except grpc.aio.AioRpcError as exc:
-            err = StreamError(exc.code(), exc.details() or exc.code().name)
+            if exc.code() == grpc.StatusCode.UNIMPLEMENTED:
+                # A node agent from before Serve: its requests go one call each from now on
+                # (NodeConn.stream); those on this stream are retried like a refused call.
+                self.unimplemented = True
+                err = StreamError(grpc.StatusCode.UNAVAILABLE, f"{self.node_id} has no Serve (an older node agent)")
+            else:
+                err = StreamError(exc.code(), exc.details() or exc.code().name)
         except asyncio.CancelledError:
             err = StreamError(grpc.StatusCode.CANCELLED, "router closing")
             raise
@@ -235,3 +242,49 @@ class NodeMux:
             await self._task
         except (asyncio.CancelledError, Exception):
             pass
+
+
+class CallMux:
+    """For a node agent without ``Serve``: each request is its own ``Generate`` call, read
+    by a task into a ``NodeStream``, so the router's relay is the same for both. Slower
+    (a call per request, a message per output), correct."""
+
+    def __init__(self, stub, node_id: str) -> None:
+        self.node_id = node_id
+        self.closed = False
+        self._stub = stub
+        self._next = 0
+        self._calls: dict[int, asyncio.Task] = {}
+
+    def start(self, request: npb.NodeGenerateRequest) -> NodeStream:
+        self._next += 1
+        s = NodeStream(self, self._next)   # type: ignore[arg-type]
+        task = asyncio.get_running_loop().create_task(self._run(s, self._stub.Generate(request)))
+        self._calls[s.id] = task
+        task.add_done_callback(lambda t, sid=s.id: self._calls.pop(sid, None))
+        return s
+
+    def cancel(self, sid: int) -> None:
+        if (t := self._calls.pop(sid, None)) is not None:
+            t.cancel()
+
+    @staticmethod
+    async def _run(s: NodeStream, call) -> None:
+        try:
+            async for msg in call:
+                if msg.WhichOneof("kind") == "tokens":
+                    s.push(list(msg.tokens.ids))
+                else:
+                    s.push(msg.final)
+                    return
+            s.push(StreamError(grpc.StatusCode.UNAVAILABLE, "the node ended the stream without a final message"))
+        except grpc.aio.AioRpcError as exc:
+            s.push(StreamError(exc.code(), exc.details() or exc.code().name))
+        except asyncio.CancelledError:
+            call.cancel()
+            raise
+
+    async def close(self) -> None:
+        self.closed = True
+        for t in list(self._calls.values()):
+            t.cancel()

@@ -11,7 +11,7 @@ import pytest
 
 from kvfleet.controller.registry import ModelEntry, NodeEntry
 from kvfleet.controller.router.fleet import NodeConn
-from kvfleet.controller.router.mux import NodeMux, NodeStream, StreamError
+from kvfleet.controller.router.mux import CallMux, NodeMux, NodeStream, StreamError
 from kvfleet.node_agent.block_tracker import BlockTracker
 from kvfleet.node_agent.engine import LoadSnapshot
 from kvfleet.node_agent.engines.sim import SimEngine
@@ -65,9 +65,9 @@ class Node:
             e.set_event_sink(lambda seq, batch, m=m: self.publisher.on_kv_events(m, seq, batch))
             await e.start()
 
-    async def start_server(self, port: int = 0) -> None:
+    async def start_server(self, port: int = 0, service_cls: type = NodeAgentService) -> None:
         """A fresh service and server (on ``port``, or a free one), same engines."""
-        self.service = NodeAgentService(lambda: "node-1", self.engines, self.publisher)
+        self.service = service_cls(lambda: "node-1", self.engines, self.publisher)
         self.server = grpc.aio.server()
         pbg.add_NodeAgentServicer_to_server(self.service, self.server)
         self.port = self.server.add_insecure_port(f"127.0.0.1:{port}")
@@ -544,3 +544,52 @@ async def test_token_items_waiting_unread_come_back_merged_from_one_read(node):
     assert first + rest == want_tokens
     same_final(final, want_final)
     assert 1 + reads < len(want_tokens)
+
+
+class OlderNodeAgentService(NodeAgentService):
+    """A node agent from before Serve: gRPC's answer for a method a server does not have."""
+
+    async def Serve(self, request_iterator, context):
+        await context.abort(grpc.StatusCode.UNIMPLEMENTED, "Method not implemented!")
+        yield  # pragma: no cover - makes this an async generator like the real one
+
+
+async def test_a_node_agent_without_serve_gets_one_call_per_request_and_the_same_output():
+    n = Node()
+    await n.start_engines()
+    await n.start_server(service_cls=OlderNodeAgentService)
+    try:
+        entry = NodeEntry(node_id="node-1", address=f"127.0.0.1:{n.port}", models=[ModelEntry(
+            name=FAST.model, block_size=16, num_blocks=FAST.num_blocks, max_model_len=FAST.max_model_len,
+            prefill_tokens_per_s=FAST.prefill_tokens_per_s, decode_tokens_per_s=500.0)], joined_unix_ms=0)
+        conn = NodeConn(entry=entry, channel=n.channel, stub=n.stub)
+        prompt = text_prompt(5, 20)
+        want_tokens, want_final = await unary(n.stub, request("u", prompt, 9))
+        # The first request meets UNIMPLEMENTED on Serve: a retryable failure (the router
+        # tries another node), and the connection remembers it.
+        first = conn.stream(request("a1", prompt, 9))
+        with pytest.raises(StreamError) as ei:
+            await drain(first, timeout=5)
+        assert ei.value.code() == grpc.StatusCode.UNAVAILABLE and "no Serve" in ei.value.details()
+        # From then on each request is its own Generate call, with the same output.
+        second = conn.stream(request("a2", prompt, 9))
+        assert isinstance(conn.mux, CallMux)
+        tokens, final, _ = await drain(second, timeout=5)
+        assert tokens == want_tokens
+        assert (final.prompt_tokens, final.completion_tokens, final.finish_reason) == (
+            want_final.prompt_tokens, want_final.completion_tokens, want_final.finish_reason)
+        assert final.cached_prompt_tokens == 16      # the earlier calls left the prompt's full block cached
+        # Cancel and deadline work on that path too: the node's request is aborted.
+        third = conn.stream(request("a3", text_prompt(6, 10), 3000))
+        assert (await asyncio.wait_for(third.read(), 5))[0] == "tokens"
+        third.cancel()
+        await eventually(lambda: n.service.inflight == 0, what="cancelled call aborted on the node")
+        fourth = conn.stream(request("a4", text_prompt(7, 10), 3000))
+        fourth.expire_at(asyncio.get_running_loop().time() + 0.05, "deadline exceeded")
+        with pytest.raises(StreamError) as ei:
+            await drain(fourth, timeout=5)
+        assert ei.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+        await eventually(lambda: n.service.inflight == 0, what="expired call aborted on the node")
+        await conn.mux.close()
+    finally:
+        await n.stop()
