@@ -92,6 +92,9 @@ class NodeAgentService(pbg.NodeAgentServicer):
             ready.append(item)
             wake.set()
 
+        def fail(stream: int, code: grpc.StatusCode, message: str) -> None:
+            emit(pb.StreamItem(stream=stream, error=pb.StreamError(code=code.value[0], message=message)))
+
         async def run(stream: int, request: pb.NodeGenerateRequest) -> None:
             try:
                 async for resp in self._outputs(request):
@@ -100,11 +103,10 @@ class NodeAgentService(pbg.NodeAgentServicer):
                     else:
                         emit(pb.StreamItem(stream=stream, final=resp.final))
             except StreamFailed as exc:
-                emit(pb.StreamItem(stream=stream, error=pb.StreamError(code=exc.code.value[0], message=exc.message)))
+                fail(stream, exc.code, exc.message)
             except Exception as exc:   # a bug here must end this request, not the stream
                 log.exception("node: request %s failed", request.request_id)
-                emit(pb.StreamItem(stream=stream, error=pb.StreamError(
-                    code=grpc.StatusCode.INTERNAL.value[0], message=f"node agent error: {exc}")))
+                fail(stream, grpc.StatusCode.INTERNAL, f"node agent error: {exc}")
 
         def ended(stream: int, task: asyncio.Task) -> None:
             # A done callback, not a finally: it also runs for a task cancelled before it started.
@@ -121,11 +123,9 @@ class NodeAgentService(pbg.NodeAgentServicer):
                     kind = msg.WhichOneof("kind")
                     if kind == "start":
                         if msg.stream in tasks:
-                            emit(pb.StreamItem(stream=msg.stream, error=pb.StreamError(
-                                code=grpc.StatusCode.INVALID_ARGUMENT.value[0], message=f"stream {msg.stream} is already running")))
+                            fail(msg.stream, grpc.StatusCode.INVALID_ARGUMENT, f"stream {msg.stream} is already running")
                         elif self.closing:
-                            emit(pb.StreamItem(stream=msg.stream, error=pb.StreamError(
-                                code=grpc.StatusCode.UNAVAILABLE.value[0], message="node is shutting down")))
+                            fail(msg.stream, grpc.StatusCode.UNAVAILABLE, "node is shutting down")
                         else:
                             task = tasks[msg.stream] = asyncio.create_task(run(msg.stream, msg.start))
                             task.add_done_callback(lambda t, sid=msg.stream: ended(sid, t))

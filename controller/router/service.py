@@ -354,16 +354,9 @@ class RouterService(pbg.InferenceServicer):
             )
             self.fleet.add_pending(cand.node_id, node_req.request_id, cand.uncached_tokens)
             self.admission.sent(p)   # the tier queue may now check the next request against this node
-            loop = asyncio.get_running_loop()
-            try:
-                stream = conn.stream(node_req)
-            except StreamError as exc:
-                self.fleet.drop_pending(cand.node_id, node_req.request_id)
-                ATTEMPTS.labels(cand.node_id, exc.code().name.lower()).inc()
-                last_error = f"{cand.node_id}: {exc.code().name} {exc.details()}"
-                continue
+            stream = conn.stream(node_req)   # a failed node stream is reopened: the failure shows on read
             if remaining is not None:
-                stream.expire_at(loop.time() + remaining, "deadline exceeded before the first token")
+                stream.expire_at(asyncio.get_running_loop().time() + remaining, "deadline exceeded before the first token")
             first_timeout = self.first_token_timeout_s + cand.cost_s
             if remaining is not None:
                 first_timeout = min(first_timeout, remaining)
@@ -418,7 +411,7 @@ class RouterService(pbg.InferenceServicer):
         kind, value = first
         while True:
             if kind == "tokens":
-                if stops.stops and len(value) > 1:
+                if stops.stops:
                     parts, stopped = [], False
                     for i, tok in enumerate(value):
                         part, stopped = stops.feed(detok.push([tok]))
@@ -428,7 +421,7 @@ class RouterService(pbg.InferenceServicer):
                             break
                     text = "".join(parts)
                 else:
-                    text, stopped = stops.feed(detok.push(value))
+                    text, stopped = detok.push(value), False
                 completion += len(value)
                 yield pb.GenerateResponse(chunk=pb.TokenChunk(token_ids=value, text=text))
                 if relayed is not None:
