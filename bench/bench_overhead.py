@@ -1,24 +1,30 @@
 """The router's live overhead against the floor of any Python gRPC relay, in one call.
 
-Three relays, each a real process between a real client and real upstream processes on
+Five relays, each a real process between a real client and real upstream processes on
 127.0.0.1, measured the same way:
 
 * ``floor-call``: a bare ``grpc.aio`` relay, one upstream call per request (what the router
   did before ``NodeAgent.Serve``): a server streaming K raw-byte messages, the relay
   forwarding each, no routing, no protobuf, no bookkeeping;
 * ``floor-mux``: the same over one multiplexed upstream stream, the upstream batching the
-  messages that are ready at once (what the router does now);
+  messages that are ready at once (what the router does with ``Generate``);
+* ``floor-mux2``: multiplexed on the client's side too: the client's requests on one stream,
+  their outputs batched back as they arrive (what the router does with ``GenerateMany``);
 * ``kvfleet``: the real router (`router run`, auth off) in front of ``--nodes`` sim node
   agents of the ``h100-llama3-8b`` preset at ``--time-scale`` (1: real H100 speed), with
-  etcd and a controller (`controller/sim/live.py`).
+  etcd and a controller (`controller/sim/live.py`), one ``Generate`` call per request;
+* ``kvfleet-many``: the same router and fleet, the client's requests over one
+  ``GenerateMany`` call (``kvfleet/many.py``).
 
 For each: the relay's CPU (utime + stime from /proc) over bursts of ``--requests``
 requests, 32 at a time, of 1 and of 32 output messages, after its idle rate is subtracted:
-the difference gives CPU per message, the rest CPU per request; and the relay's added
-latency: time to the first message through the relay minus straight to the upstream,
-alternating, medians over ``--samples`` pairs. For kvfleet also the CPU per token when a
-32-token request's tokens are merged into chunks at least 100 ms apart (the flex tier).
-Prints the figures and the router's ratio to each floor; ``--json OUT`` keeps them.
+the difference gives CPU per message, the rest CPU per request (on a multiplexed client
+stream a message is one relayed item, a stream's chunk; many share one gRPC message); and
+the relay's added latency: time to the first message through the relay minus straight to
+the upstream, alternating, medians over ``--samples`` pairs. For kvfleet also the CPU per
+token when a 32-token request's tokens are merged into chunks at least 100 ms apart (the
+flex tier). Prints the figures and the router's ratio to each floor; ``--json OUT`` keeps
+them.
 
     .venv/bin/python bench/bench_overhead.py [--nodes 2] [--time-scale 1] [--requests 1000] [--reps 2]
 """
@@ -167,6 +173,73 @@ async def _relay_mux(port: int, up: int) -> None:
     reader.cancel()
 
 
+async def _relay_mux2(port: int, up: int) -> None:
+    """Multiplexed on both sides: the client's requests arrive on one stream and their
+    outputs leave batched, as they arrive from the upstream; no per-request task."""
+    ch = grpc.aio.insecure_channel(f"127.0.0.1:{up}")
+    out: deque[bytes] = deque()
+    out_wake = asyncio.Event()
+    fronts: dict[int, tuple[bytes, list, asyncio.Event]] = {}   # upstream sid -> (client sid, its stream's ready list, wake)
+    counter = [0]
+
+    async def requests():
+        while True:
+            while out:
+                yield out.popleft()
+            out_wake.clear()
+            await out_wake.wait()
+
+    upstream = ch.stream_stream("/floor.Up/Mux", request_serializer=_raw, response_deserializer=_raw)(requests())
+
+    async def read() -> None:
+        try:
+            async for batch in upstream:
+                for off in range(0, len(batch), 13):
+                    usid = int.from_bytes(batch[off:off + 4], "little")
+                    f = fronts.get(usid)
+                    if f is not None:
+                        f[1].append(f[0] + batch[off + 4:off + 13])
+                        f[2].set()
+                        if batch[off + 4]:
+                            del fronts[usid]
+        except BaseException as exc:
+            print(f"floor-mux2 upstream failed: {exc!r}", file=sys.stderr, flush=True)
+            os._exit(1)
+
+    reader = asyncio.ensure_future(read())
+
+    async def mux(reqs, ctx):
+        ready: list[bytes] = []
+        wake = asyncio.Event()
+
+        async def pump() -> None:
+            async for r in reqs:
+                counter[0] += 1
+                fronts[counter[0]] = (r[:4], ready, wake)
+                out.append(counter[0].to_bytes(4, "little") + r[4:])
+                out_wake.set()
+
+        task = asyncio.ensure_future(pump())
+        try:
+            while True:
+                await wake.wait()
+                wake.clear()
+                if ready:
+                    batch, ready[:] = b"".join(ready), []
+                    yield batch
+        finally:
+            task.cancel()
+
+    server = grpc.aio.server(options=_NO_REUSEPORT)
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(
+        "floor.Relay", {"Mux": grpc.stream_stream_rpc_method_handler(mux, _raw, _raw)}),))
+    server.add_insecure_port(f"127.0.0.1:{port}")
+    await server.start()
+    print("ready", flush=True)
+    await server.wait_for_termination()
+    reader.cancel()
+
+
 async def _serve_relay(port: int, gen) -> None:
     server = grpc.aio.server(options=_NO_REUSEPORT)
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(
@@ -195,6 +268,34 @@ async def _floor_burst(port: int, n: int, k: int) -> int:
     return msgs
 
 
+async def _floor_burst_mux(port: int, n: int, k: int) -> int:
+    """Like ``_floor_burst`` over one multiplexed stream: returns the items (tokens) received."""
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as ch:
+        sent = asyncio.Queue()
+        left = n
+        done = asyncio.Event()
+        items = 0
+
+        async def reqs():
+            for sid in range(1, n + 1):
+                await sent.get()
+                yield sid.to_bytes(4, "little") + k.to_bytes(4, "little") + b"x" * 512
+
+        for _ in range(CONCURRENCY):
+            sent.put_nowait(None)
+        call = ch.stream_stream("/floor.Relay/Mux", request_serializer=_raw, response_deserializer=_raw)(reqs())
+        async for batch in call:
+            for off in range(0, len(batch), 13):
+                items += 1
+                if batch[off + 4]:
+                    left -= 1
+                    sent.put_nowait(None)
+            if not left:
+                break
+        call.cancel()
+    return items
+
+
 async def _floor_latency(relay: int, up: int, samples: int) -> dict:
     async with grpc.aio.insecure_channel(f"127.0.0.1:{relay}") as rch, grpc.aio.insecure_channel(f"127.0.0.1:{up}") as uch:
         via = rch.unary_stream("/floor.Relay/Gen", request_serializer=_raw, response_deserializer=_raw)
@@ -212,6 +313,44 @@ async def _floor_latency(relay: int, up: int, samples: int) -> dict:
         for i in range(samples):
             for which in ((0, 1) if i % 2 == 0 else (1, 0)):
                 (a if which == 0 else b).append(await first(via if which == 0 else direct))
+    return {"samples": samples, "routed_ttft_p50_s": statistics.median(a), "direct_ttft_p50_s": statistics.median(b),
+            "added_p50_s": statistics.median(a) - statistics.median(b)}
+
+
+async def _floor_latency_mux(relay: int, up: int, samples: int) -> dict:
+    """``_floor_latency`` with the relayed requests on one open multiplexed stream."""
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{relay}") as rch, grpc.aio.insecure_channel(f"127.0.0.1:{up}") as uch:
+        direct = uch.unary_stream("/floor.Up/Gen", request_serializer=_raw, response_deserializer=_raw)
+        body = (1).to_bytes(4, "little") + b"x" * 512
+        q: asyncio.Queue = asyncio.Queue()
+
+        async def reqs():
+            while (sid := await q.get()) is not None:
+                yield sid.to_bytes(4, "little") + body
+
+        call = rch.stream_stream("/floor.Relay/Mux", request_serializer=_raw, response_deserializer=_raw)(reqs())
+        sid = 0
+
+        async def via() -> float:
+            nonlocal sid
+            sid += 1
+            t0 = time.perf_counter()
+            q.put_nowait(sid)
+            await call.read()
+            return time.perf_counter() - t0
+
+        async def first() -> float:
+            t0 = time.perf_counter()
+            async for _ in direct(body):
+                return time.perf_counter() - t0
+            return float("nan")
+
+        await via(), await first()
+        a, b = [], []
+        for i in range(samples):
+            for which in ((0, 1) if i % 2 == 0 else (1, 0)):
+                (a if which == 0 else b).append(await (via() if which == 0 else first()))
+        call.cancel()
     return {"samples": samples, "routed_ttft_p50_s": statistics.median(a), "direct_ttft_p50_s": statistics.median(b),
             "added_p50_s": statistics.median(a) - statistics.median(b)}
 
@@ -240,7 +379,8 @@ def run_floor(kind: str, requests: int, reps: int, samples: int) -> dict:
             if p.stdout.readline().strip() != "ready":
                 raise RuntimeError(f"floor process {p.args} did not start")
         pid = procs[1].pid
-        asyncio.run(asyncio.wait_for(_floor_burst(relay, 100, 4), BURST_TIMEOUT_S))   # warm up
+        burst = _floor_burst_mux if kind == "mux2" else _floor_burst
+        asyncio.run(asyncio.wait_for(burst(relay, 100, 4), BURST_TIMEOUT_S))   # warm up
         c0, t0 = cpu_seconds(pid), time.perf_counter()
         time.sleep(1.0)
         idle = (cpu_seconds(pid) - c0) / (time.perf_counter() - t0)
@@ -249,11 +389,12 @@ def run_floor(kind: str, requests: int, reps: int, samples: int) -> dict:
             phases = []
             for k in (1, LONG):
                 c0, t0 = cpu_seconds(pid), time.perf_counter()
-                msgs = asyncio.run(asyncio.wait_for(_floor_burst(relay, requests, k), BURST_TIMEOUT_S))
+                msgs = asyncio.run(asyncio.wait_for(burst(relay, requests, k), BURST_TIMEOUT_S))
                 wall = time.perf_counter() - t0
                 phases.append((requests, msgs, max(0.0, cpu_seconds(pid) - c0 - idle * wall)))
             runs.append(_per(phases))
-        lat = asyncio.run(asyncio.wait_for(_floor_latency(relay, up, samples), BURST_TIMEOUT_S))
+        latency = _floor_latency_mux if kind == "mux2" else _floor_latency
+        lat = asyncio.run(asyncio.wait_for(latency(relay, up, samples), BURST_TIMEOUT_S))
     finally:
         for p in reversed(procs):   # the relay first: its upstream going away is not an error
             p.kill()
@@ -263,25 +404,31 @@ def run_floor(kind: str, requests: int, reps: int, samples: int) -> dict:
 
 # ---------------------------------------------------------------------------- the router
 
-def run_router(nodes: int, time_scale: float, requests: int, reps: int, samples: int) -> dict:
+def run_router(nodes: int, time_scale: float, requests: int, reps: int, samples: int) -> dict[str, dict]:
+    """The router's figures through Generate (one call per request) and through
+    GenerateMany (one call for all), on the same fleet, alternating."""
     from kvfleet.controller.sim.live import added_latency, router_cpu, scaled_config, start_fleet
     from kvfleet.controller.sim.presets import preset_config
 
     data = Path(tempfile.mkdtemp(prefix="kvfleet-overhead-"))
     fleet = start_fleet(data, nodes, scaled_config(preset_config("h100-llama3-8b"), time_scale), "kvfleet")
+    out = {"kvfleet": {"runs": [], "data_dir": str(data)}, "kvfleet-many": {"runs": [], "data_dir": str(data)}}
     try:
-        runs = [asyncio.run(router_cpu(fleet, requests, LONG, CONCURRENCY, time_scale=time_scale)) for _ in range(reps)]
-        lat = asyncio.run(added_latency(fleet, samples))
+        for _ in range(reps):
+            for name, many in (("kvfleet", False), ("kvfleet-many", True)):
+                out[name]["runs"].append(asyncio.run(router_cpu(fleet, requests, LONG, CONCURRENCY, time_scale=time_scale, many=many)))
+        for name, many in (("kvfleet", False), ("kvfleet-many", True)):
+            out[name]["latency"] = asyncio.run(added_latency(fleet, samples, many=many))
     finally:
         fleet.stop()
-    return {"runs": runs, "latency": lat, "data_dir": str(data)}
+    return out
 
 
 def main() -> None:
     if len(sys.argv) > 1 and sys.argv[1].startswith("_"):
         role, args = sys.argv[1], [int(a) for a in sys.argv[2:]]
         asyncio.run({"_up": lambda: _upstream(*args), "_relay-call": lambda: _relay_call(*args),
-                     "_relay-mux": lambda: _relay_mux(*args)}[role]())
+                     "_relay-mux": lambda: _relay_mux(*args), "_relay-mux2": lambda: _relay_mux2(*args)}[role]())
         return
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--nodes", type=int, default=2, help="sim node agents behind the router")
@@ -296,27 +443,34 @@ def main() -> None:
     out = {
         "floor-call": run_floor("call", a.requests, a.reps, a.samples),
         "floor-mux": run_floor("mux", a.requests, a.reps, a.samples),
-        "kvfleet": run_router(a.nodes, a.time_scale, a.requests, a.reps, a.samples),
+        "floor-mux2": run_floor("mux2", a.requests, a.reps, a.samples),
+        **run_router(a.nodes, a.time_scale, a.requests, a.reps, a.samples),
         "config": {"nodes": a.nodes, "time_scale": a.time_scale, "requests": a.requests, "reps": a.reps,
                    "concurrency": CONCURRENCY, "long_tokens": LONG},
     }
     print(f"{a.requests} requests per burst, {CONCURRENCY} at a time; kvfleet: {a.nodes} sim nodes at time scale {a.time_scale:g}")
-    print(f"{'relay':<11} {'CPU µs/request':>16} {'µs/message':>12} {'µs/token merged':>16} {'added TTFT p50 ms':>18}")
+    print("floor-mux2 and kvfleet-many: requests multiplexed on the client's side too (one GenerateMany call);")
+    print("a message there is one relayed item (a stream's chunk), many of which share a gRPC message")
+    print(f"{'relay':<13} {'CPU µs/request':>16} {'µs/message':>12} {'µs/token merged':>16} {'added TTFT p50 ms':>18}")
     best = {}
-    for name in ("floor-call", "floor-mux", "kvfleet"):
+    for name in ("floor-call", "floor-mux", "floor-mux2", "kvfleet", "kvfleet-many"):
         r = out[name]
         req = [x["cpu_us_per_request"] for x in r["runs"]]
         msg = [x["cpu_us_per_message"] for x in r["runs"]]
-        tok = [x["cpu_us_per_token"]["flex"] for x in r["runs"]] if name == "kvfleet" else []
+        tok = [x["cpu_us_per_token"]["flex"] for x in r["runs"]] if name.startswith("kvfleet") else []
         best[name] = (min(req), min(msg), r["latency"]["added_p50_s"] * 1e3)
         rng = lambda v: f"{min(v):,.0f}-{max(v):,.0f}" if len(v) > 1 else f"{v[0]:,.0f}"
         rng1 = lambda v: f"{min(v):.1f}-{max(v):.1f}" if len(v) > 1 else f"{v[0]:.1f}"
-        print(f"{name:<11} {rng(req):>16} {rng1(msg):>12} {rng1(tok) if tok else '-':>16} {r['latency']['added_p50_s'] * 1e3:>18.2f}")
-    k = best["kvfleet"]
-    for floor in ("floor-call", "floor-mux"):
-        f = best[floor]
-        print(f"kvfleet / {floor} (best runs): CPU per request {k[0] / f[0]:.2f}x, per message {k[1] / f[1]:.2f}x, "
-              f"added TTFT {k[2] / f[2]:.2f}x" if f[2] > 0 else "")
+        print(f"{name:<13} {rng(req):>16} {rng1(msg):>12} {rng1(tok) if tok else '-':>16} {r['latency']['added_p50_s'] * 1e3:>18.2f}")
+    for router, floors in (("kvfleet", ("floor-call", "floor-mux")), ("kvfleet-many", ("floor-mux2",))):
+        k = best[router]
+        for floor in floors:
+            f = best[floor]
+            print(f"{router} / {floor} (best runs): CPU per request {k[0] / f[0]:.2f}x, per message {k[1] / f[1]:.2f}x, "
+                  f"added TTFT {k[2] / f[2]:.2f}x" if f[2] > 0 else "")
+    k, g = best["kvfleet-many"], best["kvfleet"]
+    print(f"kvfleet-many / kvfleet (best runs): CPU per request {k[0] / g[0]:.2f}x, per message {k[1] / g[1]:.2f}x, "
+          f"added TTFT {k[2] / g[2]:.2f}x")
     print("targets: <= 500 µs CPU per request, <= 25 µs per relayed message, <= 1 ms added TTFT p50")
     if a.json:
         a.json.write_text(json.dumps(out, indent=2))

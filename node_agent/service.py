@@ -40,6 +40,7 @@ def update_to_pb(u: Update, block_sizes: dict[str, int]) -> pb.StateUpdate:
     return pb.StateUpdate(
         seq=u.seq, snapshot=u.snapshot, stored=blocks(u.stored), removed=blocks(u.removed),
         cleared_models=u.cleared, ready=u.ready, accepted_request_ids=u.accepted, load=load_pb(u),
+        serve_batches=True,
     )
 
 
@@ -119,19 +120,20 @@ class NodeAgentService(pbg.NodeAgentServicer):
         async def read() -> None:
             nonlocal reading
             try:
-                async for msg in request_iterator:
-                    kind = msg.WhichOneof("kind")
-                    if kind == "start":
-                        if msg.stream in tasks:
-                            fail(msg.stream, grpc.StatusCode.INVALID_ARGUMENT, f"stream {msg.stream} is already running")
-                        elif self.closing:
-                            fail(msg.stream, grpc.StatusCode.UNAVAILABLE, "node is shutting down")
-                        else:
-                            task = tasks[msg.stream] = asyncio.create_task(run(msg.stream, msg.start))
-                            task.add_done_callback(lambda t, sid=msg.stream: ended(sid, t))
-                    elif kind == "cancel":
-                        if (t := tasks.get(msg.stream)) is not None:
-                            t.cancel()
+                async for first in request_iterator:
+                    for msg in (first, *first.more) if first.more else (first,):
+                        kind = msg.WhichOneof("kind")
+                        if kind == "start":
+                            if msg.stream in tasks:
+                                fail(msg.stream, grpc.StatusCode.INVALID_ARGUMENT, f"stream {msg.stream} is already running")
+                            elif self.closing:
+                                fail(msg.stream, grpc.StatusCode.UNAVAILABLE, "node is shutting down")
+                            else:
+                                task = tasks[msg.stream] = asyncio.create_task(run(msg.stream, msg.start))
+                                task.add_done_callback(lambda t, sid=msg.stream: ended(sid, t))
+                        elif kind == "cancel":
+                            if (t := tasks.get(msg.stream)) is not None:
+                                t.cancel()
             except Exception as exc:   # not the caller half-closing: the stream cannot go on
                 failed.append(exc)
             finally:

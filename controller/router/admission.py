@@ -64,6 +64,7 @@ from pydantic import BaseModel, Field
 
 from kvfleet.aio import cancel_and_wait
 from kvfleet.controller.router.errors import RequestError
+from kvfleet.controller.router.metrics import child
 from kvfleet.controller.router.nodes import NodeTable
 from kvfleet.controller.router.policy import queued_now
 from kvfleet.v1 import common_pb2 as cpb
@@ -267,8 +268,8 @@ class TierQueue:
         self._wake.set()
 
     def _gauges(self, tier: int) -> None:
-        QUEUE_DEPTH.labels(TIER_NAMES[tier]).set(self._depth[tier])
-        INFLIGHT.labels(TIER_NAMES[tier]).set(self._inflight[tier])
+        child(QUEUE_DEPTH, TIER_NAMES[tier]).set(self._depth[tier])
+        child(INFLIGHT, TIER_NAMES[tier]).set(self._inflight[tier])
 
     def depths(self) -> dict[str, int]:
         """Requests waiting in the queue, by tier name."""

@@ -148,8 +148,9 @@ class NodeMux:
     """One ``Serve`` call to one node. ``start`` sends a request on it; a failed or ended
     call sets ``closed``, and the owner opens a new one for the next request."""
 
-    def __init__(self, stub, node_id: str) -> None:
+    def __init__(self, stub, node_id: str, batches: bool = False) -> None:
         self.node_id = node_id
+        self.batches = batches         # the node takes ServeRequest.more: send what is queued as one message
         self.streams: dict[int, NodeStream] = {}
         self.closed = False
         self.unimplemented = False     # the node answered Serve with UNIMPLEMENTED
@@ -180,9 +181,15 @@ class NodeMux:
 
     async def _requests(self):
         loop = asyncio.get_running_loop()
+        out = self._out
         while not self.closed:
-            while self._out:
-                yield self._out.popleft()
+            if self.batches and len(out) > 1:
+                first = out.popleft()
+                first.more.extend(out)
+                out.clear()
+                yield first
+            while out:
+                yield out.popleft()
             if self.closed:
                 return
             self._out_wake = loop.create_future()

@@ -9,9 +9,11 @@ node costs only a retry on the next candidate.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 import time
 import uuid
+from contextlib import aclosing
 from dataclasses import dataclass
 
 import grpc
@@ -23,6 +25,7 @@ from kvfleet.tokenizer import IncrementalDetokenizer, Tokenizer
 from kvfleet.controller.router.admission import OpenAdmission
 from kvfleet.controller.router.auth import OpenAuth, Principal
 from kvfleet.controller.router.errors import RequestError
+from kvfleet.controller.router.metrics import child
 from kvfleet.controller.router.fleet import Fleet
 from kvfleet.controller.router.mux import NodeStream, StreamError
 from kvfleet.controller.router.policy import ArrivalRate, Candidate, PrefixRates, RouteRequest, get_policy
@@ -54,6 +57,9 @@ LATENCY_WEIGHT = {cpb.TIER_FLEX: 0.5, cpb.TIER_BATCH: 0.25}
 # tiers that accept latency take their tokens in fewer, larger messages.
 STREAM_INTERVAL_S = {cpb.TIER_FLEX: 0.1, cpb.TIER_BATCH: 1.0}
 MAX_STREAM_INTERVAL_MS = 60_000
+# Items a GenerateMany call holds for a caller that reads slower than its requests produce;
+# past it, the call's requests wait for the caller (as each Generate call waits for gRPC's flow control).
+MANY_BACKLOG = 4096
 FINISH = {"length": cpb.FINISH_REASON_LENGTH, "stop": cpb.FINISH_REASON_STOP, "abort": cpb.FINISH_REASON_ABORT}
 FINISH_NAME = {v: k for k, v in FINISH.items()}
 RETRYABLE = {
@@ -78,6 +84,24 @@ class Prepared:
     batch_item: str = ""         # "<job id>/<custom_id>" when the Batch API runner sent it
     max_queue_s: float = 0.0     # the request's limit on its wait in the admission queue (0: the tier's)
     stream_interval_s: float = 0.0  # least time between two token chunks to the client
+
+
+class _ItemContext:
+    """What a request inside a GenerateMany call reads of its call: the call's metadata
+    (API key); no deadline of its own beyond the request's ``deadline`` field."""
+
+    __slots__ = ("_metadata",)
+
+    def __init__(self, metadata: tuple) -> None:
+        # A batch item's tag names one request: on a call of many it would name them all.
+        self._metadata = tuple((k, v) for k, v in metadata if k != "x-kvfleet-batch-item")
+
+    def invocation_metadata(self) -> tuple:
+        return self._metadata
+
+    @staticmethod
+    def time_remaining() -> None:
+        return None
 
 
 @dataclass(slots=True)
@@ -118,6 +142,10 @@ class RouterService(pbg.InferenceServicer):
         self.max_attempts = max_attempts
         self._arrivals: dict[str, ArrivalRate] = {}   # model -> rate of Generate calls routed for it
         self._shared_rates: dict[str, PrefixRates] = {}   # model -> rates by deepest cached block
+        # Node request ids: unique per attempt even when clients reuse request ids (the node's
+        # engine and this router's pending count are keyed by them), and across routers.
+        self._instance = uuid.uuid4().hex[:8]
+        self._attempt_ids = itertools.count(1)
 
     # -- validation and tokenisation -------------------------------------------------------------
     def authenticate(self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext) -> Principal:
@@ -230,20 +258,114 @@ class RouterService(pbg.InferenceServicer):
             hash_s += t1 - t0
         if len(sizes) > 1:  # several block sizes: merge the groups by cost (one group keeps its policy's order)
             out.sort(key=lambda c: (not c.eligible, c.cost_s))  # type: ignore[attr-defined]
-        DECIDE.labels(p.model).observe(hash_s + decide_s + p.tokenize_us / 1e6)
+        child(DECIDE, p.model).observe(hash_s + decide_s + p.tokenize_us / 1e6)
         block_size = dict(zip(table.node_ids, table.block_size.tolist()))
         return Ranked(out, block_size, all_hashes, hash_s * 1e6, decide_s * 1e6, prefix_keys)  # type: ignore[arg-type]
 
     # -- Generate ------------------------------------------------------------------------------
     async def Generate(self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext):
+        try:
+            async with aclosing(self._serve(request, context)) as outputs:
+                async for msg in outputs:
+                    yield msg
+        except RequestError as exc:
+            await self._abort(context, exc)
+
+    async def GenerateMany(self, request_iterator, context: grpc.aio.ServicerContext):
+        """Many requests over one call (see inference.proto). Each runs as Generate's would,
+        in its own task; every item ready at one moment goes out in one message."""
+        ready: list[pb.GenerateManyItem] = []
+        wake = asyncio.Event()
+        room = asyncio.Event()    # set while the caller keeps up (ready under MANY_BACKLOG)
+        room.set()
+        tasks: dict[int, asyncio.Task] = {}
+        reading = True
+        failed: list[BaseException] = []
+        item_context = _ItemContext(tuple(context.invocation_metadata() or ()))
+
+        def emit(item: pb.GenerateManyItem) -> None:
+            ready.append(item)
+            if len(ready) >= MANY_BACKLOG:
+                room.clear()
+            wake.set()
+
+        def fail(stream: int, exc: RequestError) -> None:
+            retry = next((int(v) for k, v in exc.trailers if k == "retry-after-ms"), 0)
+            emit(pb.GenerateManyItem(stream=stream, error=pb.GenerateError(
+                code=exc.code.value[0], message=str(exc), retry_after_ms=retry)))
+
+        async def run(stream: int, request: pb.GenerateRequest) -> None:
+            try:
+                async with aclosing(self._serve(request, item_context)) as outputs:
+                    async for msg in outputs:
+                        emit(pb.GenerateManyItem(stream=stream, response=msg))
+                        if not room.is_set():
+                            await room.wait()   # the caller reads slower than its requests produce
+            except RequestError as exc:
+                fail(stream, exc)
+            except Exception as exc:   # a bug here must end this request, not the call
+                log.exception("router: request %s of a GenerateMany call failed", request.request_id)
+                fail(stream, RequestError(grpc.StatusCode.INTERNAL, f"router error: {exc}"))
+
+        def ended(stream: int, task: asyncio.Task) -> None:
+            # A done callback, not a finally: it also runs for a task cancelled before it started.
+            if tasks.get(stream) is task:
+                del tasks[stream]
+            wake.set()
+
+        async def read() -> None:
+            nonlocal reading
+            try:
+                async for msg in request_iterator:
+                    kind = msg.WhichOneof("kind")
+                    if kind == "start":
+                        if msg.stream in tasks:
+                            fail(msg.stream, RequestError(grpc.StatusCode.INVALID_ARGUMENT,
+                                                          f"stream {msg.stream} is already running"))
+                        else:
+                            task = tasks[msg.stream] = asyncio.create_task(run(msg.stream, msg.start))
+                            task.add_done_callback(lambda t, sid=msg.stream: ended(sid, t))
+                    elif kind == "cancel":
+                        if (t := tasks.get(msg.stream)) is not None:
+                            t.cancel()
+            except Exception as exc:   # not the caller half-closing: the call cannot go on
+                failed.append(exc)
+            finally:
+                reading = False
+                wake.set()
+
+        reader = asyncio.create_task(read())
+        try:
+            while True:
+                if failed:
+                    log.warning("router: a GenerateMany call's requests could not be read: %s", failed[0])
+                    await context.abort(grpc.StatusCode.INTERNAL, f"reading the call's requests failed: {failed[0]}")
+                if ready:
+                    batch, ready[:] = list(ready), []
+                    room.set()
+                    yield pb.GenerateManyResponse(items=batch)
+                    continue
+                if not tasks and not reading:
+                    return
+                await wake.wait()
+                wake.clear()
+        finally:
+            reader.cancel()
+            for t in list(tasks.values()):
+                t.cancel()
+            await asyncio.gather(reader, *tasks.values(), return_exceptions=True)
+
+    async def _serve(self, request: pb.GenerateRequest, context):
+        """One request, Generate's or one of a GenerateMany call's: yields what the client
+        gets, raises RequestError with the status it ends with."""
         # Order: who (auth) -> what (validate, tokenise) -> may they (quota) -> when (tier
         # queue) -> where (route) -> bill (ledger, before the client sees the usage).
         try:
             principal = self.authenticate(request, context)
             p = await self.prepare(request, context, principal=principal)
         except RequestError as exc:
-            REQUESTS.labels(request.model, exc.code.name.lower()).inc()
-            await self._abort(context, exc)
+            child(REQUESTS, request.model, exc.code.name.lower()).inc()
+            raise
         ticket = None
         admitted = False
         relayed = Relayed()
@@ -266,12 +388,12 @@ class RouterService(pbg.InferenceServicer):
                     relayed.billed = True
                     await self.usage.record(self._record(p, u))
                 yield msg
-            REQUESTS.labels(p.model, "ok").inc()
+            child(REQUESTS, p.model, "ok").inc()
         except RequestError as exc:
-            REQUESTS.labels(p.model, exc.code.name.lower()).inc()
-            await self._abort(context, exc)
+            child(REQUESTS, p.model, exc.code.name.lower()).inc()
+            raise
         except asyncio.CancelledError:
-            REQUESTS.labels(p.model, "cancelled").inc()
+            child(REQUESTS, p.model, "cancelled").inc()
             raise
         finally:
             if admitted:
@@ -349,7 +471,8 @@ class RouterService(pbg.InferenceServicer):
             node_req = npb.NodeGenerateRequest(
                 # Unique per attempt even when clients reuse request ids: the node's
                 # engine and this router's pending count are keyed by it.
-                request_id=f"{p.request_id}/{uuid.uuid4().hex[:12]}/{attempts}", model=p.model, prompt_token_ids=p.tokens.tolist(),
+                request_id=f"{p.request_id}/{self._instance}-{next(self._attempt_ids)}/{attempts}", model=p.model,
+                prompt_token_ids=p.tokens.tolist(),
                 sampling=request.sampling, tier=p.tier,
             )
             self.fleet.add_pending(cand.node_id, node_req.request_id, cand.uncached_tokens)
@@ -367,7 +490,7 @@ class RouterService(pbg.InferenceServicer):
                     if remaining is not None and first_timeout >= remaining:
                         raise RequestError(grpc.StatusCode.DEADLINE_EXCEEDED, "deadline exceeded before the first token")
                     self.fleet.mark_suspect(cand.node_id)
-                    ATTEMPTS.labels(cand.node_id, "first_token_timeout").inc()
+                    child(ATTEMPTS, cand.node_id, "first_token_timeout").inc()
                     last_error = f"{cand.node_id} sent no first token within {first_timeout:.1f} s"
                     log.warning("router: %s; retrying elsewhere", last_error)
                     continue
@@ -376,15 +499,15 @@ class RouterService(pbg.InferenceServicer):
                         raise RequestError(exc.code(), exc.details() or exc.code().name) from exc
                     if exc.code() == grpc.StatusCode.DEADLINE_EXCEEDED and remaining is not None:
                         raise RequestError(exc.code(), exc.details() or "deadline exceeded") from exc
-                    ATTEMPTS.labels(cand.node_id, exc.code().name.lower()).inc()
+                    child(ATTEMPTS, cand.node_id, exc.code().name.lower()).inc()
                     last_error = f"{cand.node_id}: {exc.code().name} {exc.details()}"
                     log.warning("router: node failed before first token (%s); retrying elsewhere", last_error)
                     continue
-                ATTEMPTS.labels(cand.node_id, "ok").inc()
+                child(ATTEMPTS, cand.node_id, "ok").inc()
                 bs = ranked.block_size.get(cand.node_id)
                 if bs is not None:
                     self.fleet.learn(cand.node_id, p.model, ranked.hashes[bs])
-                TTFT.labels(p.model).observe(time.monotonic() - t_start)
+                child(TTFT, p.model).observe(time.monotonic() - t_start)
                 if relayed is not None:
                     relayed.cand, relayed.attempts = cand, attempts
                 async for msg in self._relay(p, request, stream, first, cand, attempts, relayed):
@@ -459,10 +582,10 @@ class RouterService(pbg.InferenceServicer):
         # (exact where the node publishes KV events: the vLLM suite checks it to the token).
         cached = final.cached_prompt_tokens if final is not None else cand.cached_tokens
         node = cand.node_id
-        PROMPT_TOKENS.labels(p.model, node).inc(len(p.tokens))
-        PREDICTED_CACHED.labels(p.model, node).inc(cand.cached_tokens)
-        ACTUAL_CACHED.labels(p.model, node).inc(cached)
-        COMPLETION_TOKENS.labels(p.model, node).inc(completion)
+        child(PROMPT_TOKENS, p.model, node).inc(len(p.tokens))
+        child(PREDICTED_CACHED, p.model, node).inc(cand.cached_tokens)
+        child(ACTUAL_CACHED, p.model, node).inc(cached)
+        child(COMPLETION_TOKENS, p.model, node).inc(completion)
         return pb.GenerateResponse(usage=pb.Usage(
             prompt_tokens=len(p.tokens), cached_prompt_tokens=cached, completion_tokens=completion,
             predicted_cached_tokens=cand.cached_tokens, node_id=node, finish_reason=FINISH[reason],

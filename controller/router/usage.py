@@ -33,6 +33,7 @@ from prometheus_client import Counter
 from kvfleet.aio import cancel_and_wait
 from kvfleet.controller.prices import PRICES_KEY, PriceTable, TIER_BY_VALUE, table_from_json
 from kvfleet.controller.router.errors import RequestError
+from kvfleet.controller.router.metrics import child
 
 log = logging.getLogger(__name__)
 
@@ -210,13 +211,13 @@ class EtcdUsageSink:
         tier = TIER_BY_VALUE.get(rec.tier, "default")
         labels = (rec.tenant, rec.model, tier)
         price = self.prices.price(rec.model, tier)
-        USAGE_REQUESTS.labels(*labels).inc()
-        USAGE_PROMPT.labels(*labels).inc(rec.prompt_tokens)
-        USAGE_CACHED.labels(*labels).inc(rec.cached_prompt_tokens)
-        USAGE_COMPLETION.labels(*labels).inc(rec.completion_tokens)
+        child(USAGE_REQUESTS, *labels).inc()
+        child(USAGE_PROMPT, *labels).inc(rec.prompt_tokens)
+        child(USAGE_CACHED, *labels).inc(rec.cached_prompt_tokens)
+        child(USAGE_COMPLETION, *labels).inc(rec.completion_tokens)
         # Prometheus counters are floats: the exact figures are the ledger's.
-        USAGE_COST.labels(*labels).inc(price.cost_pico(rec.prompt_tokens, rec.cached_prompt_tokens, rec.completion_tokens) / 1e12)
-        USAGE_SAVINGS.labels(*labels).inc(price.savings_pico(rec.cached_prompt_tokens) / 1e12)
+        child(USAGE_COST, *labels).inc(price.cost_pico(rec.prompt_tokens, rec.cached_prompt_tokens, rec.completion_tokens) / 1e12)
+        child(USAGE_SAVINGS, *labels).inc(price.savings_pico(rec.cached_prompt_tokens) / 1e12)
 
     # -- prices ------------------------------------------------------------------------------------
     async def _prices_loop(self) -> None:

@@ -50,6 +50,7 @@ from typing import Iterable, Iterator
 import grpc
 import numpy as np
 
+from kvfleet.many import ManyError, ManyClient
 from kvfleet.controller.sim.workloads import TraceRequest
 from kvfleet.node_agent.engines.sim_core import SimConfig
 
@@ -247,6 +248,8 @@ class LiveResult:
 
 async def _generate(stub, prompt: list[int], max_tokens: int, res: LiveResult, timeout: float,
                     tier: int = 0, stream_interval_ms: int = 0) -> None:
+    """One request through the router: ``stub`` is an ``InferenceStub`` (one Generate call)
+    or a ``ManyClient`` (one request of its GenerateMany call)."""
     from kvfleet.v1 import inference_pb2 as ipb
 
     req = ipb.GenerateRequest(model=MODEL, token_ids={"ids": prompt}, request_id=uuid.uuid4().hex, tier=tier,
@@ -256,7 +259,8 @@ async def _generate(stub, prompt: list[int], max_tokens: int, res: LiveResult, t
     t0 = time.perf_counter()
     res.sent_s = t0
     try:
-        async for msg in stub.Generate(req, timeout=timeout):
+        call = stub.generate if isinstance(stub, ManyClient) else stub.Generate
+        async for msg in call(req, timeout=timeout):
             res.messages += 1
             if msg.HasField("chunk"):
                 if msg.chunk.token_ids and math.isnan(res.ttft_s):
@@ -265,7 +269,7 @@ async def _generate(stub, prompt: list[int], max_tokens: int, res: LiveResult, t
                 u = msg.usage
                 res.e2e_s = time.perf_counter() - t0
                 res.completion_tokens, res.cached_tokens, res.node_id = u.completion_tokens, u.cached_prompt_tokens, u.node_id
-    except grpc.aio.AioRpcError as exc:
+    except (grpc.aio.AioRpcError, ManyError) as exc:
         res.error = f"{exc.code().name}: {exc.details()}"
 
 
@@ -308,10 +312,12 @@ async def _direct(stub, prompt: list[int], max_tokens: int) -> float:
     return ttft
 
 
-async def added_latency(fleet: LiveFleet, samples: int, prompt_tokens: int = 256, seed: int = 1) -> dict:
+async def added_latency(fleet: LiveFleet, samples: int, prompt_tokens: int = 256, seed: int = 1,
+                        many: bool = False) -> dict:
     """TTFT through the router vs straight to the node it picked, same cached prompt,
     alternating which goes first; every channel (the client's to the router and to each
-    node) is long-lived and connected before the first timing, as a client keeps them."""
+    node) is long-lived and connected before the first timing, as a client keeps them.
+    ``many``: the routed requests go over one open GenerateMany call."""
     from kvfleet.v1 import inference_pb2_grpc as ipbg
     from kvfleet.v1 import node_pb2_grpc as npbg
 
@@ -322,6 +328,8 @@ async def added_latency(fleet: LiveFleet, samples: int, prompt_tokens: int = 256
         node_stubs = {nid: npbg.NodeAgentStub(ch) for nid, ch in node_channels.items()}
         async with grpc.aio.insecure_channel(fleet.router, options=_GRPC_OPTS) as ch:
             stub = ipbg.InferenceStub(ch)
+            if many:
+                stub = ManyClient(stub)
             for i in range(samples):
                 prompt = rng.integers(0, 256, prompt_tokens).tolist()
                 warm = LiveResult(prompt_tokens, 1)
@@ -338,6 +346,8 @@ async def added_latency(fleet: LiveFleet, samples: int, prompt_tokens: int = 256
                             routed.append(r.ttft_s)
                     else:
                         direct.append(await _direct(node, prompt, 1))
+            if many:
+                await stub.close()
     finally:
         for c in node_channels.values():
             await c.close()
@@ -347,9 +357,10 @@ async def added_latency(fleet: LiveFleet, samples: int, prompt_tokens: int = 256
 
 
 async def _burst(router: str, n: int, max_tokens: int, concurrency: int, seed: int, tier: int = 0,
-                 stream_interval_ms: int = 0) -> tuple[int, int]:
+                 stream_interval_ms: int = 0, many: bool = False) -> tuple[int, int]:
     """``n`` requests of 128 random tokens, ``concurrency`` at a time; returns
-    (requests completed, stream messages the router sent)."""
+    (requests completed, stream messages the router relayed). ``many``: over one
+    GenerateMany call, where a relayed message is an item (many share a gRPC message)."""
     from kvfleet.v1 import inference_pb2_grpc as ipbg
 
     rng = np.random.default_rng(seed)
@@ -358,17 +369,21 @@ async def _burst(router: str, n: int, max_tokens: int, concurrency: int, seed: i
     sem = asyncio.Semaphore(concurrency)
     async with grpc.aio.insecure_channel(router, options=_GRPC_OPTS) as ch:
         stub = ipbg.InferenceStub(ch)
+        if many:
+            stub = ManyClient(stub)
 
         async def one(i: int) -> None:
             async with sem:
                 await _generate(stub, prompts[i], max_tokens, results[i], 120, tier, stream_interval_ms)
 
         await asyncio.gather(*(one(i) for i in range(n)))
+        if many:
+            await stub.close()
     return sum(1 for r in results if not r.error), sum(r.messages for r in results)
 
 
 async def router_cpu(fleet: LiveFleet, requests: int, long_tokens: int = 32, concurrency: int = 32,
-                     time_scale: float = 1.0) -> dict:
+                     time_scale: float = 1.0, many: bool = False) -> dict:
     """Router CPU per request and per relayed message, from two bursts (1 and
     ``long_tokens`` output tokens) after subtracting the process's idle rate. A third
     burst, like the second but in the flex tier (chunks at least 100 ms of preset time
@@ -384,7 +399,7 @@ async def router_cpu(fleet: LiveFleet, requests: int, long_tokens: int = 32, con
     for k, (tokens, tier, interval) in enumerate(((1, 0, 0), (long_tokens, 0, 0), (long_tokens, cpb.TIER_FLEX, flex_ms))):
         c0, t0 = cpu_seconds(pid), time.perf_counter()
         done, msgs = await _burst(fleet.router, requests, tokens, concurrency, seed=100 + k, tier=tier,
-                                  stream_interval_ms=interval)
+                                  stream_interval_ms=interval, many=many)
         wall = time.perf_counter() - t0
         phases.append((done, msgs, max(0.0, cpu_seconds(pid) - c0 - idle_rate * wall), wall))
     (n1, m1, c1, _), (n2, m2, c2, _), (n3, m3, c3, _) = phases

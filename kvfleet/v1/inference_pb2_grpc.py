@@ -40,6 +40,11 @@ class InferenceStub:
                 request_serializer=kvfleet_dot_v1_dot_inference__pb2.GenerateRequest.SerializeToString,
                 response_deserializer=kvfleet_dot_v1_dot_inference__pb2.GenerateResponse.FromString,
                 _registered_method=True)
+        self.GenerateMany = channel.stream_stream(
+                '/kvfleet.v1.Inference/GenerateMany',
+                request_serializer=kvfleet_dot_v1_dot_inference__pb2.GenerateManyRequest.SerializeToString,
+                response_deserializer=kvfleet_dot_v1_dot_inference__pb2.GenerateManyResponse.FromString,
+                _registered_method=True)
         self.ExplainRoute = channel.unary_unary(
                 '/kvfleet.v1.Inference/ExplainRoute',
                 request_serializer=kvfleet_dot_v1_dot_inference__pb2.GenerateRequest.SerializeToString,
@@ -53,6 +58,19 @@ class InferenceServicer:
 
     def Generate(self, request, context):
         """Streams token chunks, then exactly one final Usage message.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GenerateMany(self, request_iterator, context):
+        """Many Generate requests over one call, for callers that carry many clients' requests
+        (a gateway, an HTTP front, a load generator). Each request is a `start` under an id the
+        caller picks, ended early by a `cancel`; the router answers, for each, exactly what
+        Generate would stream, or the status Generate's call would end with, batched: one
+        message carries every item ready at once, so the cost of a gRPC call and of a message
+        is shared by many requests. Auth is the call's (its metadata), checked per request.
+        When the caller half-closes, the router finishes what runs and ends the call.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -72,6 +90,11 @@ def add_InferenceServicer_to_server(servicer, server):
                     servicer.Generate,
                     request_deserializer=kvfleet_dot_v1_dot_inference__pb2.GenerateRequest.FromString,
                     response_serializer=kvfleet_dot_v1_dot_inference__pb2.GenerateResponse.SerializeToString,
+            ),
+            'GenerateMany': grpc.stream_stream_rpc_method_handler(
+                    servicer.GenerateMany,
+                    request_deserializer=kvfleet_dot_v1_dot_inference__pb2.GenerateManyRequest.FromString,
+                    response_serializer=kvfleet_dot_v1_dot_inference__pb2.GenerateManyResponse.SerializeToString,
             ),
             'ExplainRoute': grpc.unary_unary_rpc_method_handler(
                     servicer.ExplainRoute,
@@ -107,6 +130,33 @@ class Inference:
             '/kvfleet.v1.Inference/Generate',
             kvfleet_dot_v1_dot_inference__pb2.GenerateRequest.SerializeToString,
             kvfleet_dot_v1_dot_inference__pb2.GenerateResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GenerateMany(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/kvfleet.v1.Inference/GenerateMany',
+            kvfleet_dot_v1_dot_inference__pb2.GenerateManyRequest.SerializeToString,
+            kvfleet_dot_v1_dot_inference__pb2.GenerateManyResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -42,14 +42,16 @@ class NodeGenerateResponse(_message.Message):
     def __init__(self, tokens: _Optional[_Union[_common_pb2.TokenIds, _Mapping]] = ..., final: _Optional[_Union[NodeFinal, _Mapping]] = ...) -> None: ...
 
 class ServeRequest(_message.Message):
-    __slots__ = ("stream", "start", "cancel")
+    __slots__ = ("stream", "start", "cancel", "more")
     STREAM_FIELD_NUMBER: _ClassVar[int]
     START_FIELD_NUMBER: _ClassVar[int]
     CANCEL_FIELD_NUMBER: _ClassVar[int]
+    MORE_FIELD_NUMBER: _ClassVar[int]
     stream: int
     start: NodeGenerateRequest
     cancel: bool
-    def __init__(self, stream: _Optional[int] = ..., start: _Optional[_Union[NodeGenerateRequest, _Mapping]] = ..., cancel: _Optional[bool] = ...) -> None: ...
+    more: _containers.RepeatedCompositeFieldContainer[ServeRequest]
+    def __init__(self, stream: _Optional[int] = ..., start: _Optional[_Union[NodeGenerateRequest, _Mapping]] = ..., cancel: _Optional[bool] = ..., more: _Optional[_Iterable[_Union[ServeRequest, _Mapping]]] = ...) -> None: ...
 
 class StreamError(_message.Message):
     __slots__ = ("code", "message")
@@ -130,7 +132,7 @@ class ModelBlocks(_message.Message):
     def __init__(self, model: _Optional[str] = ..., block_size: _Optional[int] = ..., block_hashes: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class StateUpdate(_message.Message):
-    __slots__ = ("seq", "snapshot", "stored", "removed", "cleared_models", "load", "ready", "accepted_request_ids")
+    __slots__ = ("seq", "snapshot", "stored", "removed", "cleared_models", "load", "ready", "accepted_request_ids", "serve_batches")
     SEQ_FIELD_NUMBER: _ClassVar[int]
     SNAPSHOT_FIELD_NUMBER: _ClassVar[int]
     STORED_FIELD_NUMBER: _ClassVar[int]
@@ -139,6 +141,7 @@ class StateUpdate(_message.Message):
     LOAD_FIELD_NUMBER: _ClassVar[int]
     READY_FIELD_NUMBER: _ClassVar[int]
     ACCEPTED_REQUEST_IDS_FIELD_NUMBER: _ClassVar[int]
+    SERVE_BATCHES_FIELD_NUMBER: _ClassVar[int]
     seq: int
     snapshot: bool
     stored: _containers.RepeatedCompositeFieldContainer[ModelBlocks]
@@ -147,4 +150,5 @@ class StateUpdate(_message.Message):
     load: _common_pb2.LoadSignals
     ready: bool
     accepted_request_ids: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, seq: _Optional[int] = ..., snapshot: _Optional[bool] = ..., stored: _Optional[_Iterable[_Union[ModelBlocks, _Mapping]]] = ..., removed: _Optional[_Iterable[_Union[ModelBlocks, _Mapping]]] = ..., cleared_models: _Optional[_Iterable[str]] = ..., load: _Optional[_Union[_common_pb2.LoadSignals, _Mapping]] = ..., ready: _Optional[bool] = ..., accepted_request_ids: _Optional[_Iterable[str]] = ...) -> None: ...
+    serve_batches: bool
+    def __init__(self, seq: _Optional[int] = ..., snapshot: _Optional[bool] = ..., stored: _Optional[_Iterable[_Union[ModelBlocks, _Mapping]]] = ..., removed: _Optional[_Iterable[_Union[ModelBlocks, _Mapping]]] = ..., cleared_models: _Optional[_Iterable[str]] = ..., load: _Optional[_Union[_common_pb2.LoadSignals, _Mapping]] = ..., ready: _Optional[bool] = ..., accepted_request_ids: _Optional[_Iterable[str]] = ..., serve_batches: _Optional[bool] = ...) -> None: ...

@@ -131,6 +131,19 @@ def test_a_broken_state_stream_drops_the_nodes_blocks_and_learned_cache():
 
 
 # -- the node table the router's decisions read ---------------------------------------------
+def test_a_node_takes_batched_serve_messages_only_while_its_state_stream_says_so():
+    f, conn = fleet_with()
+    old = update(1, snapshot=True)             # a node agent from before ServeRequest.more
+    f.apply_update(conn, old)
+    assert not conn.serve_batches
+    new = update(1, snapshot=True)
+    new.serve_batches = True
+    f.apply_update(conn, new)
+    assert conn.serve_batches
+    f._disconnect(conn)                        # whatever runs there after a restart must say it again
+    assert not conn.serve_batches
+
+
 def as_rows(nodes) -> list[NodeView]:
     return sorted(nodes, key=lambda v: v.node_id)
 

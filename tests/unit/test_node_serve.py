@@ -236,6 +236,72 @@ async def test_concurrent_requests_over_one_mux_get_what_generate_gives_and_repl
     assert multi_stream_messages > 0
 
 
+class CountingStub:
+    """A node stub that records how many starts and cancels each Serve message carries."""
+
+    def __init__(self, stub: pbg.NodeAgentStub) -> None:
+        self.stub, self.sent = stub, []
+
+    def Serve(self, requests):
+        async def counted():
+            async for m in requests:
+                self.sent.append(1 + len(m.more))
+                yield m
+        return self.stub.Serve(counted())
+
+
+async def test_a_batching_mux_sends_what_is_queued_in_one_message_with_the_same_output(node):
+    specs = [(text_prompt(i, 5 + 3 * i), 4 + 2 * i) for i in range(16)]
+    expected = await asyncio.gather(*(unary(node.stub, request(f"u{i}", p, n)) for i, (p, n) in enumerate(specs)))
+    for batches in (True, False):
+        stub = CountingStub(node.stub)
+        mux = NodeMux(stub, "node-1", batches=batches)
+        node.muxes.append(mux)
+        streams = [mux.start(request(f"b{batches}{i}", p, n)) for i, (p, n) in enumerate(specs)]   # queued at once
+        results = await asyncio.gather(*(drain(s) for s in streams))
+        for (tokens, final, _), (want_tokens, want_final) in zip(results, expected):
+            assert tokens == want_tokens
+            same_final(final, want_final)
+        assert stub.sent == ([16] if batches else [1] * 16)
+
+    # Cancels queued together go in one message too, and each aborts its engine request.
+    stub = CountingStub(node.stub)
+    mux = NodeMux(stub, "node-1", batches=True)
+    node.muxes.append(mux)
+    streams = [mux.start(request(f"c{i}", text_prompt(i, 20), 100)) for i in range(4)]
+    for s in streams:
+        assert (await asyncio.wait_for(s.read(), 10))[0] == "tokens"
+    streams[0].cancel()
+    streams[2].cancel()
+    await eventually(lambda: not {"c0", "c2"} & node.engine_requests(), what="cancelled engine requests gone")
+    assert stub.sent[-1] == 2
+    for s in (streams[1], streams[3]):
+        tokens, final, _ = await drain(s)
+        assert final.completion_tokens == 100 and final.finish_reason == cpb.FINISH_REASON_LENGTH
+
+
+async def test_a_raw_serve_message_with_more_starts_them_all_in_order(node):
+    specs = [(text_prompt(i, 8 + i), 3 + i) for i in range(5)]
+    expected = await asyncio.gather(*(unary(node.stub, request(f"u{i}", p, n)) for i, (p, n) in enumerate(specs)))
+    first = pb.ServeRequest(stream=1, start=request("r0", *specs[0]))
+    first.more.extend(pb.ServeRequest(stream=1 + i, start=request(f"r{i}", p, n)) for i, (p, n) in enumerate(specs) if i)
+    first.more.append(pb.ServeRequest(stream=1, start=request("dup", *specs[0])))   # taken after stream 1 started
+
+    async def requests():
+        yield first
+
+    got: dict[int, list] = {}
+    async for resp in node.stub.Serve(requests(), timeout=10):   # half-closed: ends after the last final
+        for it in resp.items:
+            got.setdefault(it.stream, []).append(it)
+    dup = [it for it in got[1] if it.WhichOneof("kind") == "error"]
+    assert len(dup) == 1 and dup[0].error.code == grpc.StatusCode.INVALID_ARGUMENT.value[0]
+    for i, (want_tokens, want_final) in enumerate(expected):
+        its = [it for it in got[1 + i] if it.WhichOneof("kind") != "error"]
+        assert [t for it in its[:-1] for t in it.tokens.ids] == want_tokens
+        same_final(its[-1].final, want_final)
+
+
 # ---------------------------------------------------------------- 2. cancel
 
 
