@@ -326,8 +326,11 @@ class RouterService(pbg.InferenceServicer):
                             task = tasks[msg.stream] = asyncio.create_task(run(msg.stream, msg.start))
                             task.add_done_callback(lambda t, sid=msg.stream: ended(sid, t))
                     elif kind == "cancel":
-                        if (t := tasks.get(msg.stream)) is not None:
+                        if (t := tasks.pop(msg.stream, None)) is not None:
+                            # The id is free at once (the request's billing unwinds in its
+                            # task), and nothing of the old request may follow the cancel.
                             t.cancel()
+                            ready[:] = [it for it in ready if it.stream != msg.stream]
             except Exception as exc:   # not the caller half-closing: the call cannot go on
                 failed.append(exc)
             finally:
