@@ -46,7 +46,7 @@ class NodeStream:
     """One request on a node's stream. ``read()`` gives ``("tokens", ids)`` (every token
     item waiting, merged) or ``("final", NodeFinal)``, or raises ``StreamError``."""
 
-    __slots__ = ("_mux", "id", "_items", "_waiter", "done", "_timer", "_settling")
+    __slots__ = ("_mux", "id", "_items", "_waiter", "done", "_timer", "_settling", "_sink")
 
     def __init__(self, mux: NodeMux, sid: int) -> None:
         self._mux = mux
@@ -56,8 +56,17 @@ class NodeStream:
         self.done = False          # final or error received, or cancelled
         self._timer: asyncio.TimerHandle | None = None
         self._settling = False     # in settle(): only the end of the request wakes it early
+        self._sink = None          # divert(): where token items go instead of waiting for read()
 
     def push(self, item) -> None:
+        if self._sink is not None and item.__class__ is list:
+            try:
+                self._sink(item)
+                return
+            except Exception as exc:   # a bug in one request's relay ends that request, not the node's stream
+                log.exception("router: relaying stream %d failed", self.id)
+                self._sink = None
+                item = StreamError(grpc.StatusCode.INTERNAL, f"router relay failed: {exc}")
         self._items.append(item)
         w = self._waiter
         if w is not None and not w.done() and not (self._settling and item.__class__ is list):
@@ -88,6 +97,19 @@ class NodeStream:
             raise item
         self._finish()
         return "final", item
+
+    def divert(self, sink) -> None:
+        """From now on, token items go to ``sink(ids)`` as they arrive (in the stream
+        reader's task, no wake-up of the reader of this stream); ``read()`` then gives only
+        the request's end. Token items already waiting go first, merged. ``None``: back to
+        ``read()`` (the sink may call this from inside itself)."""
+        self._sink = sink
+        items = self._items
+        if sink is not None and items and items[0].__class__ is list:
+            ids = items.popleft()
+            while items and items[0].__class__ is list:
+                ids = ids + items.popleft()
+            sink(ids)
 
     async def settle(self, seconds: float) -> None:
         """Waits ``seconds`` for more output to merge, or less if the request ends meanwhile

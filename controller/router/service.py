@@ -104,6 +104,26 @@ class _ItemContext:
         return None
 
 
+class _Sink:
+    """Where a GenerateMany request's token chunks go straight from its node's stream reader
+    (``RouterService._relay``). ``send`` says whether the caller keeps up; once the call
+    no longer wants the request (cancelled), nothing more is sent."""
+
+    __slots__ = ("stream", "emit", "room", "closed")
+
+    def __init__(self, stream: int, emit, room: asyncio.Event) -> None:
+        self.stream, self.emit, self.room, self.closed = stream, emit, room, False
+
+    def send(self, msg: pb.GenerateResponse) -> bool:
+        if not self.closed:
+            self.emit(pb.GenerateManyItem(stream=self.stream, response=msg))
+        return self.room.is_set()
+
+    async def drained(self) -> None:
+        if not self.room.is_set():
+            await self.room.wait()
+
+
 @dataclass(slots=True)
 class Relayed:
     """How far a request got: the node whose stream reached the client (None before a
@@ -279,6 +299,7 @@ class RouterService(pbg.InferenceServicer):
         room = asyncio.Event()    # set while the caller keeps up (ready under MANY_BACKLOG)
         room.set()
         tasks: dict[int, asyncio.Task] = {}
+        sinks: dict[int, _Sink] = {}   # the running requests' (see _relay)
         reading = True
         failed: list[BaseException] = []
         item_context = _ItemContext(tuple(context.invocation_metadata() or ()))
@@ -294,9 +315,9 @@ class RouterService(pbg.InferenceServicer):
             emit(pb.GenerateManyItem(stream=stream, error=pb.GenerateError(
                 code=exc.code.value[0], message=str(exc), retry_after_ms=retry)))
 
-        async def run(stream: int, request: pb.GenerateRequest) -> None:
+        async def run(stream: int, request: pb.GenerateRequest, sink: _Sink) -> None:
             try:
-                async with aclosing(self._serve(request, item_context)) as outputs:
+                async with aclosing(self._serve(request, item_context, sink)) as outputs:
                     async for msg in outputs:
                         emit(pb.GenerateManyItem(stream=stream, response=msg))
                         if not room.is_set():
@@ -311,6 +332,7 @@ class RouterService(pbg.InferenceServicer):
             # A done callback, not a finally: it also runs for a task cancelled before it started.
             if tasks.get(stream) is task:
                 del tasks[stream]
+                del sinks[stream]
             wake.set()
 
         async def read() -> None:
@@ -323,12 +345,14 @@ class RouterService(pbg.InferenceServicer):
                             fail(msg.stream, RequestError(grpc.StatusCode.INVALID_ARGUMENT,
                                                           f"stream {msg.stream} is already running"))
                         else:
-                            task = tasks[msg.stream] = asyncio.create_task(run(msg.stream, msg.start))
+                            sink = sinks[msg.stream] = _Sink(msg.stream, emit, room)
+                            task = tasks[msg.stream] = asyncio.create_task(run(msg.stream, msg.start, sink))
                             task.add_done_callback(lambda t, sid=msg.stream: ended(sid, t))
                     elif kind == "cancel":
                         if (t := tasks.pop(msg.stream, None)) is not None:
                             # The id is free at once (the request's billing unwinds in its
                             # task), and nothing of the old request may follow the cancel.
+                            sinks.pop(msg.stream).closed = True
                             t.cancel()
                             ready[:] = [it for it in ready if it.stream != msg.stream]
             except Exception as exc:   # not the caller half-closing: the call cannot go on
@@ -358,7 +382,7 @@ class RouterService(pbg.InferenceServicer):
                 t.cancel()
             await asyncio.gather(reader, *tasks.values(), return_exceptions=True)
 
-    async def _serve(self, request: pb.GenerateRequest, context):
+    async def _serve(self, request: pb.GenerateRequest, context, sink: _Sink | None = None):
         """One request, Generate's or one of a GenerateMany call's: yields what the client
         gets, raises RequestError with the status it ends with."""
         # Order: who (auth) -> what (validate, tokenise) -> may they (quota) -> when (tier
@@ -383,7 +407,7 @@ class RouterService(pbg.InferenceServicer):
                 ticket = None
                 raise
             admitted = True
-            async for msg in self._generate(p, request, context, avoid, relayed):
+            async for msg in self._generate(p, request, context, avoid, relayed, sink):
                 if msg.HasField("usage"):
                     u = msg.usage
                     ticket.done(u.prompt_tokens, u.completion_tokens)
@@ -441,7 +465,7 @@ class RouterService(pbg.InferenceServicer):
         return rem
 
     async def _generate(self, p: Prepared, request: pb.GenerateRequest, context, avoid=frozenset(),
-                        relayed: Relayed | None = None):
+                        relayed: Relayed | None = None, sink: _Sink | None = None):
         t_start = time.monotonic()
         tried: set[str] = set()
         attempts = 0
@@ -513,7 +537,7 @@ class RouterService(pbg.InferenceServicer):
                 child(TTFT, p.model).observe(time.monotonic() - t_start)
                 if relayed is not None:
                     relayed.cand, relayed.attempts = cand, attempts
-                async for msg in self._relay(p, request, stream, first, cand, attempts, relayed):
+                async for msg in self._relay(p, request, stream, first, cand, attempts, relayed, sink):
                     yield msg
                 return
             finally:
@@ -523,10 +547,13 @@ class RouterService(pbg.InferenceServicer):
                            f"no node could serve {p.model!r} after {attempts} attempt(s): {last_error}")
 
     async def _relay(self, p: Prepared, request: pb.GenerateRequest, stream: NodeStream, first, cand: Candidate,
-                     attempts: int, relayed: Relayed | None = None):
+                     attempts: int, relayed: Relayed | None = None, sink: _Sink | None = None):
         """Relays a node's outputs to the client, from the first one. Token items that
         arrived while the last chunk was being written go out merged, as one chunk; with a
-        stream interval, so do the tokens made until the interval has passed."""
+        stream interval, so do the tokens made until the interval has passed. With a
+        ``sink`` (a request of a GenerateMany call) and neither stop strings nor an
+        interval, token chunks go from the node's stream reader straight to the call: this
+        task only wakes for the request's end (or while the caller is behind)."""
         detok = IncrementalDetokenizer(p.tokenizer)
         stops = StopMatcher(list(request.sampling.stop))
         # With stop strings, tokens are matched one at a time (a merged chunk ends at the
@@ -535,49 +562,65 @@ class RouterService(pbg.InferenceServicer):
         interval = 0.0 if stops.stops else p.stream_interval_s
         completion = 0
         kind, value = first
-        while True:
-            if kind == "tokens":
-                if stops.stops:
-                    parts, stopped = [], False
-                    for i, tok in enumerate(value):
-                        part, stopped = stops.feed(detok.push([tok]))
-                        parts.append(part)
-                        if stopped:
-                            value = value[: i + 1]
-                            break
-                    text = "".join(parts)
-                else:
-                    text, stopped = detok.push(value), False
-                completion += len(value)
-                yield pb.GenerateResponse(chunk=pb.TokenChunk(token_ids=value, text=text))
+        if sink is not None and not stops.stops and not interval:
+            def deliver(ids: list[int]) -> None:
+                nonlocal completion
+                completion += len(ids)
+                if not sink.send(pb.GenerateResponse(chunk=pb.TokenChunk(token_ids=ids, text=detok.push(ids)))):
+                    stream.divert(None)   # the caller is behind: tokens wait on the stream, merged
                 if relayed is not None:
-                    relayed.completion = completion   # after the yield: what the client was given
-                if stopped:
-                    stream.cancel()
-                    yield self._usage(p, cand, completion, None, "stop", attempts)
-                    return
-                if interval:
-                    await stream.settle(interval)
+                    relayed.completion = completion
+
+            while kind == "tokens":
+                deliver(value)
+                await sink.drained()
+                stream.divert(deliver)
+                kind, value = await self._next(stream, cand, completion)
+        while kind == "tokens":
+            if stops.stops:
+                parts, stopped = [], False
+                for i, tok in enumerate(value):
+                    part, stopped = stops.feed(detok.push([tok]))
+                    parts.append(part)
+                    if stopped:
+                        value = value[: i + 1]
+                        break
+                text = "".join(parts)
             else:
-                text, stopped = stops.feed(detok.flush())
-                if not stopped:
-                    text += stops.flush()
-                if text:
-                    yield pb.GenerateResponse(chunk=pb.TokenChunk(token_ids=[], text=text))
-                reason = "stop" if stopped else FINISH_NAME.get(value.finish_reason, "length")
-                yield self._usage(p, cand, value.completion_tokens, value, reason, attempts)
+                text, stopped = detok.push(value), False
+            completion += len(value)
+            yield pb.GenerateResponse(chunk=pb.TokenChunk(token_ids=value, text=text))
+            if relayed is not None:
+                relayed.completion = completion   # after the yield: what the client was given
+            if stopped:
+                stream.cancel()
+                yield self._usage(p, cand, completion, None, "stop", attempts)
                 return
-            try:
-                kind, value = await stream.read()
-            except StreamError as exc:
-                # Tokens already reached the client: no silent retry (a later issue continues mid-stream).
-                code = exc.code()
-                if code == grpc.StatusCode.DEADLINE_EXCEEDED:
-                    raise RequestError(code, f"deadline exceeded after {completion} tokens") from exc
-                raise RequestError(
-                    grpc.StatusCode.UNAVAILABLE if code in RETRYABLE else code,
-                    f"{cand.node_id} failed mid-stream after {completion} tokens: {code.name} {exc.details() or ''}".rstrip(),
-                ) from exc
+            if interval:
+                await stream.settle(interval)
+            kind, value = await self._next(stream, cand, completion)
+        text, stopped = stops.feed(detok.flush())
+        if not stopped:
+            text += stops.flush()
+        if text:
+            yield pb.GenerateResponse(chunk=pb.TokenChunk(token_ids=[], text=text))
+        reason = "stop" if stopped else FINISH_NAME.get(value.finish_reason, "length")
+        yield self._usage(p, cand, value.completion_tokens, value, reason, attempts)
+
+    @staticmethod
+    async def _next(stream: NodeStream, cand: Candidate, completion: int):
+        """The stream's next output once tokens have reached the client."""
+        try:
+            return await stream.read()
+        except StreamError as exc:
+            # Tokens already reached the client: no silent retry (a later issue continues mid-stream).
+            code = exc.code()
+            if code == grpc.StatusCode.DEADLINE_EXCEEDED:
+                raise RequestError(code, f"deadline exceeded after {completion} tokens") from exc
+            raise RequestError(
+                grpc.StatusCode.UNAVAILABLE if code in RETRYABLE else code,
+                f"{cand.node_id} failed mid-stream after {completion} tokens: {code.name} {exc.details() or ''}".rstrip(),
+            ) from exc
 
     def _usage(self, p: Prepared, cand: Candidate, completion: int, final, reason: str, attempts: int):
         # Ended by a stop string the router matched: the node's stream was cancelled before

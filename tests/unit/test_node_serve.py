@@ -659,3 +659,51 @@ async def test_a_node_agent_without_serve_gets_one_call_per_request_and_the_same
         await conn.mux.close()
     finally:
         await n.stop()
+
+
+async def test_a_diverted_stream_hands_tokens_to_its_sink_and_read_gives_only_the_end(node):
+    prompt, n = text_prompt(3, 12), 40
+    want_tokens, want_final = await unary(node.stub, request("ref", prompt, n))
+    mux = node.mux()
+    s = mux.start(request("diverted", prompt, n))
+    kind, first = await asyncio.wait_for(s.read(), 10)
+    assert kind == "tokens"
+    await eventually(lambda: len(s._items) > 0, what="tokens waiting on the stream")
+    got: list[list[int]] = []
+    s.divert(got.append)                       # what waited goes first, merged into one call
+    assert len(got) == 1 and got[0]
+    kind, final = await asyncio.wait_for(s.read(), 10)
+    assert kind == "final"
+    same_final(final, want_final)
+    assert first + [t for ids in got for t in ids] == want_tokens
+    assert len(got) > 1                        # later tokens came as they were made
+
+    # divert(None) from inside the sink: tokens wait for read() again, merged.
+    s = mux.start(request("undiverted", prompt, n))
+    kind, first = await asyncio.wait_for(s.read(), 10)
+    seen: list[list[int]] = []
+
+    def once(ids: list[int]) -> None:
+        seen.append(ids)
+        s.divert(None)
+
+    await eventually(lambda: len(s._items) == 0, what="nothing waiting")
+    s.divert(once)
+    rest, final, _ = await drain(s)
+    assert len(seen) == 1 and first + seen[0] + rest == want_tokens
+
+    # A sink that fails ends its request with INTERNAL, not the node's stream.
+    class NoMux:
+        def cancel(self, sid: int) -> None:
+            pass
+
+    s = NodeStream(NoMux(), 1)
+
+    def broken(ids: list[int]) -> None:
+        raise ValueError("relay bug")
+
+    s.divert(broken)
+    s.push([1, 2])
+    with pytest.raises(StreamError) as ei:
+        await asyncio.wait_for(s.read(), 1)
+    assert ei.value.code() == grpc.StatusCode.INTERNAL and "relay bug" in ei.value.details()
