@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 
 import grpc
 from prometheus_client import Counter
@@ -40,7 +41,7 @@ def update_to_pb(u: Update, block_sizes: dict[str, int]) -> pb.StateUpdate:
     return pb.StateUpdate(
         seq=u.seq, snapshot=u.snapshot, stored=blocks(u.stored), removed=blocks(u.removed),
         cleared_models=u.cleared, ready=u.ready, accepted_request_ids=u.accepted, load=load_pb(u),
-        serve_batches=True,
+        serve_level=SERVE_LEVEL,
     )
 
 
@@ -50,6 +51,11 @@ def load_pb(u: Update) -> cpb.LoadSignals:
         queued_prefill_tokens=u.load.queued_prefill_tokens, cached_blocks=u.cached_blocks, inflight=u.inflight,
         decode_step_s=u.load.decode_step_s,
     )
+
+
+# What this node agent's Serve takes (StateUpdate.serve_level): ServeRequest.more and
+# NodeGenerateRequest.stream_interval_ms.
+SERVE_LEVEL = 1
 
 
 class StreamFailed(Exception):
@@ -96,18 +102,48 @@ class NodeAgentService(pbg.NodeAgentServicer):
         def fail(stream: int, code: grpc.StatusCode, message: str) -> None:
             emit(pb.StreamItem(stream=stream, error=pb.StreamError(code=code.value[0], message=message)))
 
+        loop = asyncio.get_running_loop()
+
         async def run(stream: int, request: pb.NodeGenerateRequest) -> None:
+            interval = request.stream_interval_ms / 1000.0
+            held: list[int] = []              # tokens not sent yet (with an interval)
+            timer: asyncio.TimerHandle | None = None
+            last = -math.inf                   # loop time of this request's last token item
+
+            def flush() -> None:
+                nonlocal timer, last
+                timer = None
+                if held:
+                    emit(pb.StreamItem(stream=stream, tokens=cpb.TokenIds(ids=held)))
+                    held.clear()
+                    last = loop.time()
+
             try:
                 async for resp in self._outputs(request):
-                    if resp.HasField("tokens"):
+                    if not resp.HasField("tokens"):
+                        if timer is not None:
+                            timer.cancel()
+                        flush()
+                        emit(pb.StreamItem(stream=stream, final=resp.final))
+                    elif not interval:
                         emit(pb.StreamItem(stream=stream, tokens=resp.tokens))
                     else:
-                        emit(pb.StreamItem(stream=stream, final=resp.final))
+                        held.extend(resp.tokens.ids)
+                        if timer is None:
+                            due = last + interval
+                            if due <= loop.time():
+                                flush()
+                            else:   # on the shared clock: requests with this interval go out together
+                                tick = interval / 2
+                                timer = loop.call_at(math.ceil(due / tick) * tick, flush)
             except StreamFailed as exc:
                 fail(stream, exc.code, exc.message)
             except Exception as exc:   # a bug here must end this request, not the stream
                 log.exception("node: request %s failed", request.request_id)
                 fail(stream, grpc.StatusCode.INTERNAL, f"node agent error: {exc}")
+            finally:
+                if timer is not None:
+                    timer.cancel()
 
         def ended(stream: int, task: asyncio.Task) -> None:
             # A done callback, not a finally: it also runs for a task cancelled before it started.

@@ -85,7 +85,7 @@ class NodeConn:
     approx: dict[str, ApproxCache] = field(default_factory=dict)  # model -> learned cache (no KV events)
     task: asyncio.Task | None = None
     mux: NodeMux | CallMux | None = None   # this router's requests to the node (see mux.py)
-    serve_batches: bool = False    # the node takes many starts per Serve message (StateUpdate.serve_batches)
+    serve_level: int = 0           # what the node's Serve takes (StateUpdate.serve_level)
 
     def stream(self, request: npb.NodeGenerateRequest) -> NodeStream:
         """Sends ``request`` on the node's Serve stream, opening one if there is none or
@@ -96,7 +96,7 @@ class NodeConn:
                             self.entry.node_id)
                 self.mux = CallMux(self.stub, self.entry.node_id)
             else:
-                self.mux = NodeMux(self.stub, self.entry.node_id, batches=self.serve_batches)
+                self.mux = NodeMux(self.stub, self.entry.node_id, batches=self.serve_level >= 1)
         return self.mux.start(request)
 
     @property
@@ -229,7 +229,7 @@ class Fleet:
     def _disconnect(self, conn: NodeConn) -> None:
         """The node's cache can no longer be tracked: take it out of routing and the index."""
         conn.connected = False
-        conn.serve_batches = False   # until the next snapshot says what this node agent takes
+        conn.serve_level = 0   # until the next snapshot says what this node agent takes
         conn.approx.clear()
         for m in conn.entry.models:
             idx = self.index.get(m.name, m.block_size)
@@ -249,7 +249,7 @@ class Fleet:
             log.warning("router: state seq gap on %s (%d -> %d); resubscribing", node_id, conn.last_seq, update.seq)
             raise ConnectionError("sequence gap")
         conn.last_seq = update.seq
-        conn.serve_batches = update.serve_batches
+        conn.serve_level = update.serve_level
         for name in update.cleared_models:
             self._blocks(conn, name, lambda idx, slot, _: idx.clear(slot), None)
         for mb in update.removed:

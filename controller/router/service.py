@@ -502,6 +502,11 @@ class RouterService(pbg.InferenceServicer):
                 prompt_token_ids=p.tokens.tolist(),
                 sampling=request.sampling, tier=p.tier,
             )
+            # A node agent that holds tokens for the stream interval itself sends fewer
+            # messages (a node with only flex and batch requests: one per tick, not per step).
+            held = conn.serve_level >= 1 and p.stream_interval_s > 0 and not request.sampling.stop
+            if held:
+                node_req.stream_interval_ms = round(p.stream_interval_s * 1000)
             self.fleet.add_pending(cand.node_id, node_req.request_id, cand.uncached_tokens)
             self.admission.sent(p)   # the tier queue may now check the next request against this node
             stream = conn.stream(node_req)   # a failed node stream is reopened: the failure shows on read
@@ -537,7 +542,7 @@ class RouterService(pbg.InferenceServicer):
                 child(TTFT, p.model).observe(time.monotonic() - t_start)
                 if relayed is not None:
                     relayed.cand, relayed.attempts = cand, attempts
-                async for msg in self._relay(p, request, stream, first, cand, attempts, relayed, sink):
+                async for msg in self._relay(p, request, stream, first, cand, attempts, relayed, sink, held):
                     yield msg
                 return
             finally:
@@ -547,10 +552,11 @@ class RouterService(pbg.InferenceServicer):
                            f"no node could serve {p.model!r} after {attempts} attempt(s): {last_error}")
 
     async def _relay(self, p: Prepared, request: pb.GenerateRequest, stream: NodeStream, first, cand: Candidate,
-                     attempts: int, relayed: Relayed | None = None, sink: _Sink | None = None):
+                     attempts: int, relayed: Relayed | None = None, sink: _Sink | None = None, held: bool = False):
         """Relays a node's outputs to the client, from the first one. Token items that
         arrived while the last chunk was being written go out merged, as one chunk; with a
-        stream interval, so do the tokens made until the interval has passed. With a
+        stream interval, so do the tokens made until the interval has passed (``held``: the
+        node already held them for it, and the router relays what arrives). With a
         ``sink`` (a request of a GenerateMany call) and neither stop strings nor an
         interval, token chunks go from the node's stream reader straight to the call: this
         task only wakes for the request's end (or while the caller is behind)."""
@@ -559,7 +565,7 @@ class RouterService(pbg.InferenceServicer):
         # With stop strings, tokens are matched one at a time (a merged chunk ends at the
         # token that completes a stop, not after it), and no interval holds them back: the
         # node's work past a stop is cancelled as soon as the stop is seen.
-        interval = 0.0 if stops.stops else p.stream_interval_s
+        interval = 0.0 if stops.stops or held else p.stream_interval_s
         completion = 0
         kind, value = first
         if sink is not None and not stops.stops and not interval:

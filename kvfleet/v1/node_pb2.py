@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from kvfleet.v1 import common_pb2 as kvfleet_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x15kvfleet/v1/node.proto\x12\nkvfleet.v1\x1a\x17kvfleet/v1/common.proto\"\xa0\x01\n\x13NodeGenerateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x03 \x03(\r\x12,\n\x08sampling\x18\x04 \x01(\x0b\x32\x1a.kvfleet.v1.SamplingParams\x12\x1e\n\x04tier\x18\x05 \x01(\x0e\x32\x10.kvfleet.v1.Tier\"\x8c\x01\n\tNodeFinal\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x1c\n\x14\x63\x61\x63hed_prompt_tokens\x18\x02 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x03 \x01(\r\x12/\n\rfinish_reason\x18\x04 \x01(\x0e\x32\x18.kvfleet.v1.FinishReason\"n\n\x14NodeGenerateResponse\x12&\n\x06tokens\x18\x01 \x01(\x0b\x32\x14.kvfleet.v1.TokenIdsH\x00\x12&\n\x05\x66inal\x18\x02 \x01(\x0b\x32\x15.kvfleet.v1.NodeFinalH\x00\x42\x06\n\x04kind\"\x92\x01\n\x0cServeRequest\x12\x0e\n\x06stream\x18\x01 \x01(\x04\x12\x30\n\x05start\x18\x02 \x01(\x0b\x32\x1f.kvfleet.v1.NodeGenerateRequestH\x00\x12\x10\n\x06\x63\x61ncel\x18\x03 \x01(\x08H\x00\x12&\n\x04more\x18\x04 \x03(\x0b\x32\x18.kvfleet.v1.ServeRequestB\x06\n\x04kind\",\n\x0bStreamError\x12\x0c\n\x04\x63ode\x18\x01 \x01(\r\x12\x0f\n\x07message\x18\x02 \x01(\t\"\x9e\x01\n\nStreamItem\x12\x0e\n\x06stream\x18\x01 \x01(\x04\x12&\n\x06tokens\x18\x02 \x01(\x0b\x32\x14.kvfleet.v1.TokenIdsH\x00\x12&\n\x05\x66inal\x18\x03 \x01(\x0b\x32\x15.kvfleet.v1.NodeFinalH\x00\x12(\n\x05\x65rror\x18\x04 \x01(\x0b\x32\x17.kvfleet.v1.StreamErrorH\x00\x42\x06\n\x04kind\"6\n\rServeResponse\x12%\n\x05items\x18\x01 \x03(\x0b\x32\x16.kvfleet.v1.StreamItem\"\x10\n\x0eGetInfoRequest\"\x80\x01\n\x10NodeInfoResponse\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12%\n\x06models\x18\x02 \x03(\x0b\x32\x15.kvfleet.v1.ModelInfo\x12\r\n\x05ready\x18\x03 \x01(\x08\x12%\n\x04load\x18\x04 \x01(\x0b\x32\x17.kvfleet.v1.LoadSignals\"$\n\x13GetTokenizerRequest\x12\r\n\x05model\x18\x01 \x01(\t\"\x8f\x01\n\x11TokenizerResponse\x12\x16\n\x0etokenizer_json\x18\x01 \x01(\x0c\x12\x0e\n\x06\x64igest\x18\x02 \x01(\t\x12\x15\n\rchat_template\x18\x03 \x01(\t\x12\x15\n\reos_token_ids\x18\x04 \x03(\r\x12\x11\n\tbos_token\x18\x05 \x01(\t\x12\x11\n\teos_token\x18\x06 \x01(\t\"\x13\n\x11WatchStateRequest\"F\n\x0bModelBlocks\x12\r\n\x05model\x18\x01 \x01(\t\x12\x12\n\nblock_size\x18\x02 \x01(\r\x12\x14\n\x0c\x62lock_hashes\x18\x03 \x03(\x06\"\x82\x02\n\x0bStateUpdate\x12\x0b\n\x03seq\x18\x01 \x01(\x04\x12\x10\n\x08snapshot\x18\x02 \x01(\x08\x12\'\n\x06stored\x18\x03 \x03(\x0b\x32\x17.kvfleet.v1.ModelBlocks\x12(\n\x07removed\x18\x04 \x03(\x0b\x32\x17.kvfleet.v1.ModelBlocks\x12\x16\n\x0e\x63leared_models\x18\x05 \x03(\t\x12%\n\x04load\x18\x06 \x01(\x0b\x32\x17.kvfleet.v1.LoadSignals\x12\r\n\x05ready\x18\x07 \x01(\x08\x12\x1c\n\x14\x61\x63\x63\x65pted_request_ids\x18\x08 \x03(\t\x12\x15\n\rserve_batches\x18\t \x01(\x08\x32\xfb\x02\n\tNodeAgent\x12O\n\x08Generate\x12\x1f.kvfleet.v1.NodeGenerateRequest\x1a .kvfleet.v1.NodeGenerateResponse0\x01\x12@\n\x05Serve\x12\x18.kvfleet.v1.ServeRequest\x1a\x19.kvfleet.v1.ServeResponse(\x01\x30\x01\x12\x43\n\x07GetInfo\x12\x1a.kvfleet.v1.GetInfoRequest\x1a\x1c.kvfleet.v1.NodeInfoResponse\x12N\n\x0cGetTokenizer\x12\x1f.kvfleet.v1.GetTokenizerRequest\x1a\x1d.kvfleet.v1.TokenizerResponse\x12\x46\n\nWatchState\x12\x1d.kvfleet.v1.WatchStateRequest\x1a\x17.kvfleet.v1.StateUpdate0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x15kvfleet/v1/node.proto\x12\nkvfleet.v1\x1a\x17kvfleet/v1/common.proto\"\xbc\x01\n\x13NodeGenerateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x03 \x03(\r\x12,\n\x08sampling\x18\x04 \x01(\x0b\x32\x1a.kvfleet.v1.SamplingParams\x12\x1e\n\x04tier\x18\x05 \x01(\x0e\x32\x10.kvfleet.v1.Tier\x12\x1a\n\x12stream_interval_ms\x18\x06 \x01(\r\"\x8c\x01\n\tNodeFinal\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x1c\n\x14\x63\x61\x63hed_prompt_tokens\x18\x02 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x03 \x01(\r\x12/\n\rfinish_reason\x18\x04 \x01(\x0e\x32\x18.kvfleet.v1.FinishReason\"n\n\x14NodeGenerateResponse\x12&\n\x06tokens\x18\x01 \x01(\x0b\x32\x14.kvfleet.v1.TokenIdsH\x00\x12&\n\x05\x66inal\x18\x02 \x01(\x0b\x32\x15.kvfleet.v1.NodeFinalH\x00\x42\x06\n\x04kind\"\x92\x01\n\x0cServeRequest\x12\x0e\n\x06stream\x18\x01 \x01(\x04\x12\x30\n\x05start\x18\x02 \x01(\x0b\x32\x1f.kvfleet.v1.NodeGenerateRequestH\x00\x12\x10\n\x06\x63\x61ncel\x18\x03 \x01(\x08H\x00\x12&\n\x04more\x18\x04 \x03(\x0b\x32\x18.kvfleet.v1.ServeRequestB\x06\n\x04kind\",\n\x0bStreamError\x12\x0c\n\x04\x63ode\x18\x01 \x01(\r\x12\x0f\n\x07message\x18\x02 \x01(\t\"\x9e\x01\n\nStreamItem\x12\x0e\n\x06stream\x18\x01 \x01(\x04\x12&\n\x06tokens\x18\x02 \x01(\x0b\x32\x14.kvfleet.v1.TokenIdsH\x00\x12&\n\x05\x66inal\x18\x03 \x01(\x0b\x32\x15.kvfleet.v1.NodeFinalH\x00\x12(\n\x05\x65rror\x18\x04 \x01(\x0b\x32\x17.kvfleet.v1.StreamErrorH\x00\x42\x06\n\x04kind\"6\n\rServeResponse\x12%\n\x05items\x18\x01 \x03(\x0b\x32\x16.kvfleet.v1.StreamItem\"\x10\n\x0eGetInfoRequest\"\x80\x01\n\x10NodeInfoResponse\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12%\n\x06models\x18\x02 \x03(\x0b\x32\x15.kvfleet.v1.ModelInfo\x12\r\n\x05ready\x18\x03 \x01(\x08\x12%\n\x04load\x18\x04 \x01(\x0b\x32\x17.kvfleet.v1.LoadSignals\"$\n\x13GetTokenizerRequest\x12\r\n\x05model\x18\x01 \x01(\t\"\x8f\x01\n\x11TokenizerResponse\x12\x16\n\x0etokenizer_json\x18\x01 \x01(\x0c\x12\x0e\n\x06\x64igest\x18\x02 \x01(\t\x12\x15\n\rchat_template\x18\x03 \x01(\t\x12\x15\n\reos_token_ids\x18\x04 \x03(\r\x12\x11\n\tbos_token\x18\x05 \x01(\t\x12\x11\n\teos_token\x18\x06 \x01(\t\"\x13\n\x11WatchStateRequest\"F\n\x0bModelBlocks\x12\r\n\x05model\x18\x01 \x01(\t\x12\x12\n\nblock_size\x18\x02 \x01(\r\x12\x14\n\x0c\x62lock_hashes\x18\x03 \x03(\x06\"\x80\x02\n\x0bStateUpdate\x12\x0b\n\x03seq\x18\x01 \x01(\x04\x12\x10\n\x08snapshot\x18\x02 \x01(\x08\x12\'\n\x06stored\x18\x03 \x03(\x0b\x32\x17.kvfleet.v1.ModelBlocks\x12(\n\x07removed\x18\x04 \x03(\x0b\x32\x17.kvfleet.v1.ModelBlocks\x12\x16\n\x0e\x63leared_models\x18\x05 \x03(\t\x12%\n\x04load\x18\x06 \x01(\x0b\x32\x17.kvfleet.v1.LoadSignals\x12\r\n\x05ready\x18\x07 \x01(\x08\x12\x1c\n\x14\x61\x63\x63\x65pted_request_ids\x18\x08 \x03(\t\x12\x13\n\x0bserve_level\x18\t \x01(\r2\xfb\x02\n\tNodeAgent\x12O\n\x08Generate\x12\x1f.kvfleet.v1.NodeGenerateRequest\x1a .kvfleet.v1.NodeGenerateResponse0\x01\x12@\n\x05Serve\x12\x18.kvfleet.v1.ServeRequest\x1a\x19.kvfleet.v1.ServeResponse(\x01\x30\x01\x12\x43\n\x07GetInfo\x12\x1a.kvfleet.v1.GetInfoRequest\x1a\x1c.kvfleet.v1.NodeInfoResponse\x12N\n\x0cGetTokenizer\x12\x1f.kvfleet.v1.GetTokenizerRequest\x1a\x1d.kvfleet.v1.TokenizerResponse\x12\x46\n\nWatchState\x12\x1d.kvfleet.v1.WatchStateRequest\x1a\x17.kvfleet.v1.StateUpdate0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -33,33 +33,33 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'kvfleet.v1.node_pb2', _glob
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_NODEGENERATEREQUEST']._serialized_start=63
-  _globals['_NODEGENERATEREQUEST']._serialized_end=223
-  _globals['_NODEFINAL']._serialized_start=226
-  _globals['_NODEFINAL']._serialized_end=366
-  _globals['_NODEGENERATERESPONSE']._serialized_start=368
-  _globals['_NODEGENERATERESPONSE']._serialized_end=478
-  _globals['_SERVEREQUEST']._serialized_start=481
-  _globals['_SERVEREQUEST']._serialized_end=627
-  _globals['_STREAMERROR']._serialized_start=629
-  _globals['_STREAMERROR']._serialized_end=673
-  _globals['_STREAMITEM']._serialized_start=676
-  _globals['_STREAMITEM']._serialized_end=834
-  _globals['_SERVERESPONSE']._serialized_start=836
-  _globals['_SERVERESPONSE']._serialized_end=890
-  _globals['_GETINFOREQUEST']._serialized_start=892
-  _globals['_GETINFOREQUEST']._serialized_end=908
-  _globals['_NODEINFORESPONSE']._serialized_start=911
-  _globals['_NODEINFORESPONSE']._serialized_end=1039
-  _globals['_GETTOKENIZERREQUEST']._serialized_start=1041
-  _globals['_GETTOKENIZERREQUEST']._serialized_end=1077
-  _globals['_TOKENIZERRESPONSE']._serialized_start=1080
-  _globals['_TOKENIZERRESPONSE']._serialized_end=1223
-  _globals['_WATCHSTATEREQUEST']._serialized_start=1225
-  _globals['_WATCHSTATEREQUEST']._serialized_end=1244
-  _globals['_MODELBLOCKS']._serialized_start=1246
-  _globals['_MODELBLOCKS']._serialized_end=1316
-  _globals['_STATEUPDATE']._serialized_start=1319
-  _globals['_STATEUPDATE']._serialized_end=1577
-  _globals['_NODEAGENT']._serialized_start=1580
-  _globals['_NODEAGENT']._serialized_end=1959
+  _globals['_NODEGENERATEREQUEST']._serialized_end=251
+  _globals['_NODEFINAL']._serialized_start=254
+  _globals['_NODEFINAL']._serialized_end=394
+  _globals['_NODEGENERATERESPONSE']._serialized_start=396
+  _globals['_NODEGENERATERESPONSE']._serialized_end=506
+  _globals['_SERVEREQUEST']._serialized_start=509
+  _globals['_SERVEREQUEST']._serialized_end=655
+  _globals['_STREAMERROR']._serialized_start=657
+  _globals['_STREAMERROR']._serialized_end=701
+  _globals['_STREAMITEM']._serialized_start=704
+  _globals['_STREAMITEM']._serialized_end=862
+  _globals['_SERVERESPONSE']._serialized_start=864
+  _globals['_SERVERESPONSE']._serialized_end=918
+  _globals['_GETINFOREQUEST']._serialized_start=920
+  _globals['_GETINFOREQUEST']._serialized_end=936
+  _globals['_NODEINFORESPONSE']._serialized_start=939
+  _globals['_NODEINFORESPONSE']._serialized_end=1067
+  _globals['_GETTOKENIZERREQUEST']._serialized_start=1069
+  _globals['_GETTOKENIZERREQUEST']._serialized_end=1105
+  _globals['_TOKENIZERRESPONSE']._serialized_start=1108
+  _globals['_TOKENIZERRESPONSE']._serialized_end=1251
+  _globals['_WATCHSTATEREQUEST']._serialized_start=1253
+  _globals['_WATCHSTATEREQUEST']._serialized_end=1272
+  _globals['_MODELBLOCKS']._serialized_start=1274
+  _globals['_MODELBLOCKS']._serialized_end=1344
+  _globals['_STATEUPDATE']._serialized_start=1347
+  _globals['_STATEUPDATE']._serialized_end=1603
+  _globals['_NODEAGENT']._serialized_start=1606
+  _globals['_NODEAGENT']._serialized_end=1985
 # @@protoc_insertion_point(module_scope)

@@ -8,18 +8,20 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class NodeGenerateRequest(_message.Message):
-    __slots__ = ("request_id", "model", "prompt_token_ids", "sampling", "tier")
+    __slots__ = ("request_id", "model", "prompt_token_ids", "sampling", "tier", "stream_interval_ms")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
     PROMPT_TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
     SAMPLING_FIELD_NUMBER: _ClassVar[int]
     TIER_FIELD_NUMBER: _ClassVar[int]
+    STREAM_INTERVAL_MS_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     model: str
     prompt_token_ids: _containers.RepeatedScalarFieldContainer[int]
     sampling: _common_pb2.SamplingParams
     tier: _common_pb2.Tier
-    def __init__(self, request_id: _Optional[str] = ..., model: _Optional[str] = ..., prompt_token_ids: _Optional[_Iterable[int]] = ..., sampling: _Optional[_Union[_common_pb2.SamplingParams, _Mapping]] = ..., tier: _Optional[_Union[_common_pb2.Tier, str]] = ...) -> None: ...
+    stream_interval_ms: int
+    def __init__(self, request_id: _Optional[str] = ..., model: _Optional[str] = ..., prompt_token_ids: _Optional[_Iterable[int]] = ..., sampling: _Optional[_Union[_common_pb2.SamplingParams, _Mapping]] = ..., tier: _Optional[_Union[_common_pb2.Tier, str]] = ..., stream_interval_ms: _Optional[int] = ...) -> None: ...
 
 class NodeFinal(_message.Message):
     __slots__ = ("prompt_tokens", "cached_prompt_tokens", "completion_tokens", "finish_reason")
@@ -132,7 +134,7 @@ class ModelBlocks(_message.Message):
     def __init__(self, model: _Optional[str] = ..., block_size: _Optional[int] = ..., block_hashes: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class StateUpdate(_message.Message):
-    __slots__ = ("seq", "snapshot", "stored", "removed", "cleared_models", "load", "ready", "accepted_request_ids", "serve_batches")
+    __slots__ = ("seq", "snapshot", "stored", "removed", "cleared_models", "load", "ready", "accepted_request_ids", "serve_level")
     SEQ_FIELD_NUMBER: _ClassVar[int]
     SNAPSHOT_FIELD_NUMBER: _ClassVar[int]
     STORED_FIELD_NUMBER: _ClassVar[int]
@@ -141,7 +143,7 @@ class StateUpdate(_message.Message):
     LOAD_FIELD_NUMBER: _ClassVar[int]
     READY_FIELD_NUMBER: _ClassVar[int]
     ACCEPTED_REQUEST_IDS_FIELD_NUMBER: _ClassVar[int]
-    SERVE_BATCHES_FIELD_NUMBER: _ClassVar[int]
+    SERVE_LEVEL_FIELD_NUMBER: _ClassVar[int]
     seq: int
     snapshot: bool
     stored: _containers.RepeatedCompositeFieldContainer[ModelBlocks]
@@ -150,5 +152,5 @@ class StateUpdate(_message.Message):
     load: _common_pb2.LoadSignals
     ready: bool
     accepted_request_ids: _containers.RepeatedScalarFieldContainer[str]
-    serve_batches: bool
-    def __init__(self, seq: _Optional[int] = ..., snapshot: _Optional[bool] = ..., stored: _Optional[_Iterable[_Union[ModelBlocks, _Mapping]]] = ..., removed: _Optional[_Iterable[_Union[ModelBlocks, _Mapping]]] = ..., cleared_models: _Optional[_Iterable[str]] = ..., load: _Optional[_Union[_common_pb2.LoadSignals, _Mapping]] = ..., ready: _Optional[bool] = ..., accepted_request_ids: _Optional[_Iterable[str]] = ..., serve_batches: _Optional[bool] = ...) -> None: ...
+    serve_level: int
+    def __init__(self, seq: _Optional[int] = ..., snapshot: _Optional[bool] = ..., stored: _Optional[_Iterable[_Union[ModelBlocks, _Mapping]]] = ..., removed: _Optional[_Iterable[_Union[ModelBlocks, _Mapping]]] = ..., cleared_models: _Optional[_Iterable[str]] = ..., load: _Optional[_Union[_common_pb2.LoadSignals, _Mapping]] = ..., ready: _Optional[bool] = ..., accepted_request_ids: _Optional[_Iterable[str]] = ..., serve_level: _Optional[int] = ...) -> None: ...

@@ -130,20 +130,20 @@ def test_a_broken_state_stream_drops_the_nodes_blocks_and_learned_cache():
     assert matched(f, h) == 0 and not conn.routable and len(conn.approx) == 0
 
 
-# -- the node table the router's decisions read ---------------------------------------------
-def test_a_node_takes_batched_serve_messages_only_while_its_state_stream_says_so():
+def test_a_nodes_serve_level_is_what_its_state_stream_last_said():
     f, conn = fleet_with()
     old = update(1, snapshot=True)             # a node agent from before ServeRequest.more
     f.apply_update(conn, old)
-    assert not conn.serve_batches
+    assert conn.serve_level == 0
     new = update(1, snapshot=True)
-    new.serve_batches = True
+    new.serve_level = 1
     f.apply_update(conn, new)
-    assert conn.serve_batches
+    assert conn.serve_level == 1
     f._disconnect(conn)                        # whatever runs there after a restart must say it again
-    assert not conn.serve_batches
+    assert conn.serve_level == 0
 
 
+# -- the node table the router's decisions read ---------------------------------------------
 def as_rows(nodes) -> list[NodeView]:
     return sorted(nodes, key=lambda v: v.node_id)
 

@@ -707,3 +707,45 @@ async def test_a_diverted_stream_hands_tokens_to_its_sink_and_read_gives_only_th
     with pytest.raises(StreamError) as ei:
         await asyncio.wait_for(s.read(), 1)
     assert ei.value.code() == grpc.StatusCode.INTERNAL and "relay bug" in ei.value.details()
+
+
+async def test_with_a_stream_interval_the_node_holds_tokens_and_sends_them_on_a_shared_clock(node):
+    """8 requests, 200 tokens each (about 0.4 s of 2 ms steps): without an interval about one
+    message per step; with 100 ms, every request's items at least ~100 ms apart (a lower
+    bound: a busy machine only spreads them), on shared ticks, so far fewer messages."""
+    specs = [(text_prompt(i, 10 + i), 200) for i in range(8)]
+    expected = await asyncio.gather(*(unary(node.stub, request(f"u{i}", p, n)) for i, (p, n) in enumerate(specs)))
+
+    async def serve(interval_ms: int) -> tuple[dict[int, list[tuple[float, list[int]]]], int]:
+        def start(i: int, p: list[int], n: int) -> pb.ServeRequest:
+            r = request(f"i{interval_ms}-{i}", p, n)
+            r.stream_interval_ms = interval_ms
+            return pb.ServeRequest(stream=i, start=r)
+
+        async def requests():
+            first = start(0, *specs[0])
+            first.more.extend(start(i, p, n) for i, (p, n) in enumerate(specs) if i)
+            yield first
+
+        loop = asyncio.get_running_loop()
+        tokens: dict[int, list[tuple[float, list[int]]]] = {i: [] for i in range(len(specs))}
+        messages = 0
+        async for resp in node.stub.Serve(requests(), timeout=30):
+            messages += 1
+            for it in resp.items:
+                if it.WhichOneof("kind") == "tokens":
+                    tokens[it.stream].append((loop.time(), list(it.tokens.ids)))
+                else:
+                    assert it.WhichOneof("kind") == "final"
+                    same_final(it.final, expected[it.stream][1])
+        return tokens, messages
+
+    every, every_messages = await serve(0)
+    held, held_messages = await serve(100)
+    for i, (want, _) in enumerate(expected):
+        assert [t for _, ids in every[i] for t in ids] == want
+        assert [t for _, ids in held[i] for t in ids] == want
+        times = [t for t, _ in held[i]][:-1]   # the last goes with the final: the end is never held
+        assert min(b - a for a, b in zip(times, times[1:])) >= 0.08   # 100 ms, less delivery jitter
+        assert len(held[i]) < len(every[i]) / 4
+    assert held_messages < every_messages / 4, (held_messages, every_messages)
