@@ -493,8 +493,11 @@ def run_live_policy(policy: str, requests: list[TraceRequest], config: SimConfig
         busy, preempt = node_stats(fleet)
         overhead: dict = {}
         if overhead_requests > 0:
+            # Each request its own Generate call, then all over one GenerateMany call.
             overhead["latency"] = asyncio.run(added_latency(fleet, max(5, overhead_requests // 10)))
             overhead["cpu"] = asyncio.run(router_cpu(fleet, overhead_requests, time_scale=time_scale))
+            overhead["latency_many"] = asyncio.run(added_latency(fleet, max(5, overhead_requests // 10), many=True))
+            overhead["cpu_many"] = asyncio.run(router_cpu(fleet, overhead_requests, time_scale=time_scale, many=True))
     finally:
         fleet.stop()
         # etcd preallocates ~60 MB of WAL; the logs (kept) are what a reader may want.
@@ -565,10 +568,12 @@ def print_live_report(report: dict, console) -> None:
                   "divided by requests or by the stream messages it sent[/dim]")
     for r in report["policies"]:
         o = r["overhead"]
-        if "latency" in o:
-            lat, cpu = o["latency"], o["cpu"]
+        for suffix, how in (("", "one Generate call per request"), ("_many", "one GenerateMany call")):
+            if "latency" + suffix not in o:
+                continue
+            lat, cpu = o["latency" + suffix], o["cpu" + suffix]
             console.print(
-                f"{r['policy']} router overhead on the idle fleet: added TTFT p50 {lat['added_p50_s'] * 1e3:.2f} ms "
+                f"{r['policy']} router overhead on the idle fleet, {how}: added TTFT p50 {lat['added_p50_s'] * 1e3:.2f} ms "
                 f"(router {lat['routed_ttft_p50_s'] * 1e3:.2f} ms vs direct {lat['direct_ttft_p50_s'] * 1e3:.2f} ms, "
                 f"{lat['samples']} pairs, real time); CPU {cpu['cpu_us_per_request']:.0f} µs/request + "
                 f"{cpu['cpu_us_per_message']:.1f} µs/message (idle {cpu['idle_cpu_fraction'] * 100:.1f} % of a core "

@@ -65,4 +65,10 @@ def test_live_bench_completes_every_request_and_reports_every_figure(tmp_path):
     assert cpu["flex"]["requests"] == 20
     assert cpu["flex"]["messages"] * 3 <= cpu["long"]["messages"]
     assert set(cpu["cpu_us_per_token"]) == {"default", "flex"}
+    # The same over one GenerateMany call, where a message is one relayed item.
+    lat, cpu = p["overhead"]["latency_many"], p["overhead"]["cpu_many"]
+    assert lat["samples"] >= 2 and math.isfinite(lat["added_p50_s"])
+    assert cpu["short"]["requests"] == cpu["long"]["requests"] == cpu["flex"]["requests"] == 20
+    assert cpu["flex"]["messages"] * 3 <= cpu["long"]["messages"]
+    assert math.isfinite(cpu["cpu_us_per_request"]) and math.isfinite(cpu["cpu_us_per_message"])
     assert took < 120
