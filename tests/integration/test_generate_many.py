@@ -14,11 +14,14 @@ from dataclasses import dataclass, field
 import grpc
 import pytest
 
+from kvfleet.controller.router.service import MANY_BACKLOG
 from kvfleet.controller.tenancy import parse_key
 from kvfleet.many import ManyClient, ManyError
 from kvfleet.v1 import common_pb2 as compb
 from kvfleet.v1 import inference_pb2 as ipb
 from kvfleet.v1 import inference_pb2_grpc as ipbg
+from kvfleet.v1 import node_pb2 as npb
+from kvfleet.v1 import node_pb2_grpc as npbg
 from kvfleet.v1 import usage_pb2 as upb
 from kvfleet.v1 import usage_pb2_grpc as upbg
 
@@ -118,6 +121,7 @@ class Many:
         self.call = stub.GenerateMany(metadata=metadata, timeout=CALL_TIMEOUT)
         self.items: dict[int, list[ipb.GenerateManyItem]] = defaultdict(list)
         self.messages = 0
+        self.largest = 0     # items in the largest message read
 
     async def start(self, reqs: dict[int, ipb.GenerateRequest]) -> None:
         for sid, r in reqs.items():
@@ -135,6 +139,7 @@ class Many:
                 return
             assert msg.items, "an empty GenerateManyResponse"
             self.messages += 1
+            self.largest = max(self.largest, len(msg.items))
             for item in msg.items:
                 self.items[item.stream].append(item)
 
@@ -183,6 +188,25 @@ async def billed(c: Cluster, tenant: str, requests: int) -> upb.UsageRow:
                 assert total.requests == requests, total
                 return total
             await asyncio.sleep(0.1)
+
+
+async def engines_ran_and_idle(c: Cluster, timeout: float = 30) -> None:
+    """Returns once the nodes' engines have run requests and are all idle again: every
+    token of the requests sent meanwhile has been made and sent to the router."""
+    channels = [grpc.aio.insecure_channel(a) for a in c.node_addr.values()]
+    try:
+        stubs = [npbg.NodeAgentStub(ch) for ch in channels]
+        busy, deadline = False, time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            loads = [(await s.GetInfo(npb.GetInfoRequest(), timeout=10)).load for s in stubs]
+            if any(load.running or load.waiting for load in loads):
+                busy = True
+            elif busy:
+                return
+            await asyncio.sleep(0.05)
+        raise AssertionError(f"the engines did not run and finish the requests within {timeout} s (busy: {busy})")
+    finally:
+        await asyncio.gather(*(ch.close() for ch in channels))
 
 
 @pytest.fixture
@@ -392,3 +416,36 @@ async def test_an_id_is_free_again_right_after_its_cancel(cluster, inf):
     await many.finish()
     assert [i.error.message for i in many.items[1] if i.HasField("error")] == []
     assert [i.response.usage.completion_tokens for i in many.items[1] if i.response.HasField("usage")] == [4]
+
+
+# -- a caller that reads slower than its requests produce -------------------------------------------
+async def test_a_caller_that_stops_reading_holds_its_requests_back_and_then_gets_every_token(cluster, inf):
+    """Past MANY_BACKLOG items held for the caller, the call's requests wait for it: further
+    tokens wait on the node streams, merged, and go out once it reads again, in order."""
+    reqs = {sid: req(8000 + sid, max_tokens=60, n=48) for sid in range(1, 151)}
+    # While the caller keeps up, one item per request and engine step (one token), plus the usage.
+    assert len(reqs) * (60 + 1) > 2 * MANY_BACKLOG
+    want = dict(zip(reqs, await asyncio.gather(*(generate(inf, r) for r in reqs.values()))))
+    # gRPC's default receive window grows (BDP probing) to hold all these ~120 KB unread
+    # in the caller's transport: the router would never hold more than a message's worth.
+    # Fixed at 1 KB, the router's writes wait for the caller after ~100 items.
+    small_window = [("grpc.http2.bdp_probe", 0), ("grpc.http2.lookahead_bytes", 1024)]
+    async with grpc.aio.insecure_channel(cluster.router, options=small_window) as ch:
+        many = Many(ipbg.InferenceStub(ch))
+        await many.start(reqs)
+        await engines_ran_and_idle(cluster)   # not reading meanwhile
+        await many.finish()
+    got = {sid: many.result(sid) for sid in reqs}
+    assert_same(got, want, cluster.nodes)   # every request's tokens in order, its text and usage
+    for sid in reqs:
+        items = many.items[sid]
+        assert not any(i.HasField("error") for i in items), sid
+        assert [i.response.HasField("usage") for i in items].count(True) == 1, sid
+        assert items[-1].response.HasField("usage"), sid
+        assert got[sid].usage.completion_tokens == len(got[sid].ids) == 60, sid
+    # The backlog was reached: the router held MANY_BACKLOG items and sent them as one
+    # message; then its requests waited (each added an item or two, not its other ~30
+    # tokens), and the tokens made meanwhile came merged.
+    assert MANY_BACKLOG <= many.largest < MANY_BACKLOG + 4 * len(reqs), many.largest
+    chunks = [i.response.chunk for items in many.items.values() for i in items if i.response.HasField("chunk")]
+    assert any(len(c.token_ids) > 1 for c in chunks)
