@@ -5,7 +5,8 @@ generator). ``ManyClient.generate`` looks like ``InferenceStub.Generate``: it yi
 request's ``GenerateResponse`` messages and raises a ``grpc.RpcError`` (``ManyError``,
 with ``code()`` and ``details()``) with the status Generate's call would end with. The
 call is opened on first use and reopened after it fails; a failed call fails every
-request it carried with its status.
+request it carried with its status. Each request's outputs wait in memory until its
+iterator reads them: read every request you start (or break out, which cancels it).
 
     client = ManyClient(InferenceStub(channel), metadata=(("authorization", "Bearer KEY"),))
     async for msg in client.generate(request, timeout=30):
@@ -17,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import time
 from collections import deque
 from typing import AsyncIterator
 
@@ -106,6 +108,13 @@ class _Call:
             self.streams.clear()
 
 
+def _with_deadline(request: pb.GenerateRequest, unix_s: float) -> pb.GenerateRequest:
+    r = pb.GenerateRequest()
+    r.CopyFrom(request)
+    r.deadline.FromNanoseconds(int(unix_s * 1e9))
+    return r
+
+
 class ManyClient:
     """Generate requests multiplexed over one ``GenerateMany`` call (see the module doc)."""
 
@@ -123,6 +132,10 @@ class ManyClient:
     async def generate(self, request: pb.GenerateRequest, timeout: float | None = None) -> AsyncIterator[pb.GenerateResponse]:
         """Yields ``request``'s responses; raises ``ManyError`` as Generate's call would
         end. ``timeout``: seconds until the request is cancelled (DEADLINE_EXCEEDED)."""
+        if timeout is not None and not request.HasField("deadline"):
+            # The router's deadline handling (fail before a node is tried, cancel the node's
+            # work) needs the deadline: a Generate call carries it as gRPC's.
+            request = _with_deadline(request, time.time() + timeout)
         call = self._open()
         sid = next(self._ids)
         s = call.streams[sid] = _Stream()

@@ -110,36 +110,45 @@ class NodeAgentService(pbg.NodeAgentServicer):
             timer: asyncio.TimerHandle | None = None
             last = -math.inf                   # loop time of this request's last token item
 
-            def flush() -> None:
+            def flush(at: float) -> None:
+                """Sends the held tokens as of ``at``: the tick a timer was set for (not
+                when it ran, a little later, which would push the next one a tick on)."""
                 nonlocal timer, last
                 timer = None
                 if held:
                     emit(pb.StreamItem(stream=stream, tokens=cpb.TokenIds(ids=held)))
                     held.clear()
-                    last = loop.time()
+                    last = at
+
+            def release() -> None:
+                """The request ends: what is held goes now (the end is never held)."""
+                if timer is not None:
+                    timer.cancel()
+                flush(loop.time())
 
             try:
                 async for resp in self._outputs(request):
                     if not resp.HasField("tokens"):
-                        if timer is not None:
-                            timer.cancel()
-                        flush()
+                        release()
                         emit(pb.StreamItem(stream=stream, final=resp.final))
                     elif not interval:
                         emit(pb.StreamItem(stream=stream, tokens=resp.tokens))
                     else:
                         held.extend(resp.tokens.ids)
                         if timer is None:
-                            due = last + interval
-                            if due <= loop.time():
-                                flush()
+                            due, now = last + interval, loop.time()
+                            if due <= now:
+                                flush(now)
                             else:   # on the shared clock: requests with this interval go out together
                                 tick = interval / 2
-                                timer = loop.call_at(math.ceil(due / tick) * tick, flush)
+                                at = math.ceil(due / tick) * tick
+                                timer = loop.call_at(at, flush, at)
             except StreamFailed as exc:
+                release()   # what was made before the failure still goes first
                 fail(stream, exc.code, exc.message)
             except Exception as exc:   # a bug here must end this request, not the stream
                 log.exception("node: request %s failed", request.request_id)
+                release()
                 fail(stream, grpc.StatusCode.INTERNAL, f"node agent error: {exc}")
             finally:
                 if timer is not None:

@@ -419,9 +419,7 @@ class OpenAdmission:
         return frozenset()
 
     def sent(self, p) -> None:  # noqa: ARG002
-        """The router has counted ``p`` in its node's pending work: the dispatcher may
-        check the next request against that node's new state."""
-        self._sent.set()
+        return None
 
     def leave(self, p) -> None:  # noqa: ARG002
         return None

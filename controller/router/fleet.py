@@ -90,7 +90,9 @@ class NodeConn:
     def stream(self, request: npb.NodeGenerateRequest) -> NodeStream:
         """Sends ``request`` on the node's Serve stream, opening one if there is none or
         the last one failed; for a node agent without Serve, as its own Generate call."""
-        if self.mux is None or self.mux.closed:
+        if self.mux is None or self.mux.closed or (isinstance(self.mux, CallMux) and self.serve_level >= 1):
+            # (A node agent upgraded in place to one with Serve gets one stream again; the
+            # calls already running go on.)
             if isinstance(self.mux, NodeMux) and self.mux.unimplemented:
                 log.warning("router: node %s has no Serve (an older node agent): one call per request",
                             self.entry.node_id)
@@ -98,6 +100,13 @@ class NodeConn:
             else:
                 self.mux = NodeMux(self.stub, self.entry.node_id, batches=self.serve_level >= 1)
         return self.mux.start(request)
+
+    def set_serve_level(self, level: int) -> None:
+        """What the node agent's Serve takes (StateUpdate.serve_level); at 1 and over,
+        ``stream`` sends over Serve (never one call per request), batched."""
+        self.serve_level = level
+        if isinstance(self.mux, NodeMux):
+            self.mux.batches = level >= 1
 
     @property
     def routable(self) -> bool:
@@ -229,7 +238,7 @@ class Fleet:
     def _disconnect(self, conn: NodeConn) -> None:
         """The node's cache can no longer be tracked: take it out of routing and the index."""
         conn.connected = False
-        conn.serve_level = 0   # until the next snapshot says what this node agent takes
+        conn.set_serve_level(0)   # until the next snapshot says what this node agent takes
         conn.approx.clear()
         for m in conn.entry.models:
             idx = self.index.get(m.name, m.block_size)
@@ -249,7 +258,7 @@ class Fleet:
             log.warning("router: state seq gap on %s (%d -> %d); resubscribing", node_id, conn.last_seq, update.seq)
             raise ConnectionError("sequence gap")
         conn.last_seq = update.seq
-        conn.serve_level = update.serve_level
+        conn.set_serve_level(update.serve_level)
         for name in update.cleared_models:
             self._blocks(conn, name, lambda idx, slot, _: idx.clear(slot), None)
         for mb in update.removed:

@@ -25,6 +25,8 @@ from kvfleet.v1 import node_pb2 as npb
 log = logging.getLogger(__name__)
 
 _CODES = {c.value[0]: c for c in grpc.StatusCode}
+# Starts and cancels batched into one Serve message, in bytes (ServeRequest.more).
+MAX_BATCH_BYTES = 1 << 20
 
 
 class StreamError(Exception):
@@ -67,6 +69,9 @@ class NodeStream:
                 log.exception("router: relaying stream %d failed", self.id)
                 self._sink = None
                 item = StreamError(grpc.StatusCode.INTERNAL, f"router relay failed: {exc}")
+                if not self.done:
+                    self._finish()
+                    self._mux.cancel(self.id)   # the node stops making its tokens
         self._items.append(item)
         w = self._waiter
         if w is not None and not w.done() and not (self._settling and item.__class__ is list):
@@ -205,13 +210,16 @@ class NodeMux:
         loop = asyncio.get_running_loop()
         out = self._out
         while not self.closed:
-            if self.batches and len(out) > 1:
-                first = out.popleft()
-                first.more.extend(out)
-                out.clear()
-                yield first
             while out:
-                yield out.popleft()
+                msg = out.popleft()
+                if self.batches and out:
+                    # Everything queued, in one message up to MAX_BATCH_BYTES (a node's
+                    # gRPC server refuses messages over 4 MB, failing the whole stream).
+                    size = msg.ByteSize()
+                    while out and size + (n := out[0].ByteSize()) <= MAX_BATCH_BYTES:
+                        msg.more.append(out.popleft())
+                        size += n
+                yield msg
             if self.closed:
                 return
             self._out_wake = loop.create_future()

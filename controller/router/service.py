@@ -60,6 +60,21 @@ MAX_STREAM_INTERVAL_MS = 60_000
 # Items a GenerateMany call holds for a caller that reads slower than its requests produce;
 # past it, the call's requests wait for the caller (as each Generate call waits for gRPC's flow control).
 MANY_BACKLOG = 4096
+# Bytes of items in one GenerateManyResponse (a client's default limit is 4 MB a message).
+MANY_MESSAGE_BYTES = 1 << 20
+
+
+def _parts(items: list, max_bytes: int):
+    """``items`` in order, in runs of at most ``max_bytes`` (a single larger item alone)."""
+    start, size = 0, 0
+    for i, it in enumerate(items):
+        n = it.ByteSize()
+        if size + n > max_bytes and i > start:
+            yield items[start:i]
+            start, size = i, 0
+        size += n
+    if start < len(items):
+        yield items[start:]
 FINISH = {"length": cpb.FINISH_REASON_LENGTH, "stop": cpb.FINISH_REASON_STOP, "abort": cpb.FINISH_REASON_ABORT}
 FINISH_NAME = {v: k for k, v in FINISH.items()}
 RETRYABLE = {
@@ -341,8 +356,8 @@ class RouterService(pbg.InferenceServicer):
                 async for msg in request_iterator:
                     kind = msg.WhichOneof("kind")
                     if kind == "start":
-                        if msg.stream in tasks:
-                            fail(msg.stream, RequestError(grpc.StatusCode.INVALID_ARGUMENT,
+                        if msg.stream in tasks:   # ALREADY_EXISTS: no request ends with it, so not this one's end
+                            fail(msg.stream, RequestError(grpc.StatusCode.ALREADY_EXISTS,
                                                           f"stream {msg.stream} is already running"))
                         else:
                             sink = sinks[msg.stream] = _Sink(msg.stream, emit, room)
@@ -350,11 +365,11 @@ class RouterService(pbg.InferenceServicer):
                             task.add_done_callback(lambda t, sid=msg.stream: ended(sid, t))
                     elif kind == "cancel":
                         if (t := tasks.pop(msg.stream, None)) is not None:
-                            # The id is free at once (the request's billing unwinds in its
-                            # task), and nothing of the old request may follow the cancel.
+                            # Nothing more of the request is sent, and its last item says so:
+                            # after it the id is free (the billing unwinds in its task).
                             sinks.pop(msg.stream).closed = True
                             t.cancel()
-                            ready[:] = [it for it in ready if it.stream != msg.stream]
+                            fail(msg.stream, RequestError(grpc.StatusCode.CANCELLED, "cancelled by the caller"))
             except Exception as exc:   # not the caller half-closing: the call cannot go on
                 failed.append(exc)
             finally:
@@ -370,7 +385,8 @@ class RouterService(pbg.InferenceServicer):
                 if ready:
                     batch, ready[:] = list(ready), []
                     room.set()
-                    yield pb.GenerateManyResponse(items=batch)
+                    for part in _parts(batch, MANY_MESSAGE_BYTES):
+                        yield pb.GenerateManyResponse(items=part)
                     continue
                 if not tasks and not reading:
                     return
@@ -571,6 +587,8 @@ class RouterService(pbg.InferenceServicer):
         if sink is not None and not stops.stops and not interval:
             def deliver(ids: list[int]) -> None:
                 nonlocal completion
+                if sink.closed:
+                    return   # the caller cancelled: these tokens are not relayed (nor billed)
                 completion += len(ids)
                 if not sink.send(pb.GenerateResponse(chunk=pb.TokenChunk(token_ids=ids, text=detok.push(ids)))):
                     stream.divert(None)   # the caller is behind: tokens wait on the stream, merged

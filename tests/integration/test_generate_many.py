@@ -285,7 +285,8 @@ async def test_a_start_under_a_running_id_is_refused_and_the_running_one_complet
     await many.start({7: again})
     await many.read_until(lambda: many.result(7, [i for i in many.items[7] if not i.HasField("error")]).done)
     errors = [i.error for i in many.items[7] if i.HasField("error")]
-    assert [(e.code, "already running" in e.message) for e in errors] == [(grpc.StatusCode.INVALID_ARGUMENT.value[0], True)]
+    # ALREADY_EXISTS: no request ends with it, so the caller can tell it from the running one's end.
+    assert [(e.code, "already running" in e.message) for e in errors] == [(grpc.StatusCode.ALREADY_EXISTS.value[0], True)]
     running = many.result(7, [i for i in many.items[7] if i.HasField("response")])
     assert running.key() == (await generate(inf, first)).key()
     # Ended: the id is free again.
@@ -349,8 +350,9 @@ async def test_a_cancel_stops_one_stream_while_the_others_finish(cluster, inf):
     await many.finish()
     assert all(many.result(sid).usage.completion_tokens == 32 for sid in range(2, 6))
     assert 99 not in many.items
-    stopped = many.result(1)
-    assert not stopped.done and 0 < len(stopped.ids) < LONG
+    stopped = many.result(1)   # what came before the cancel was read, then its end: CANCELLED
+    assert stopped.code == grpc.StatusCode.CANCELLED and stopped.usage is None and 0 < len(stopped.ids) < LONG
+    assert many.items[1][-1].HasField("error")
     # The router stopped it: billed for what it relayed, far from all of it.
     assert len(stopped.ids) <= (await billed(cluster, tenant, 1)).completion_tokens < LONG
 
@@ -407,15 +409,22 @@ async def test_a_cancelled_call_stops_its_requests_and_the_router_serves_the_nex
     assert_same({sid: many.result(sid) for sid in reqs}, want, cluster.nodes)
 
 
-async def test_an_id_is_free_again_right_after_its_cancel(cluster, inf):
-    many = Many(inf)
-    await many.start({1: req(7001, max_tokens=LONG)})
-    await many.read_until(lambda: many.tokens(1) > 0)
-    await many.cancel(1)
-    await many.start({1: req(7002, max_tokens=4)})
-    await many.finish()
-    assert [i.error.message for i in many.items[1] if i.HasField("error")] == []
-    assert [i.response.usage.completion_tokens for i in many.items[1] if i.response.HasField("usage")] == [4]
+async def test_an_id_is_free_again_once_its_cancelled_item_came(cluster, inf):
+    again = req(7002, max_tokens=4)
+    want = await generate(inf, again)
+    for early in (False, True):   # cancelled after its first token, and before it
+        many = Many(inf)
+        await many.start({1: req(7001 + 10 * early, max_tokens=LONG)})
+        if not early:
+            await many.read_until(lambda: many.tokens(1) > 0)
+        await many.cancel(1)
+        await many.read_until(lambda: any(i.HasField("error") for i in many.items[1]))
+        first = many.result(1)
+        assert first.code == grpc.StatusCode.CANCELLED and first.message == "cancelled by the caller"
+        many.items.clear()
+        await many.start({1: again})
+        await many.finish()
+        assert many.result(1).key() == want.key()   # the new request's own answer, nothing of the old one
 
 
 # -- a caller that reads slower than its requests produce -------------------------------------------

@@ -91,3 +91,20 @@ async def test_stop_strings_turn_the_interval_off_so_the_stop_is_seen_at_once():
     out, stream = await relay(prepared(1.0), ["stop"], ("tokens", t[:4]), [("tokens", t[4:]), ("final", final(len(t)))])
     assert stream.settled == []
     assert "".join(m.chunk.text for m in out if m.HasField("chunk")) == "one two "
+
+
+def test_a_generate_many_batch_is_split_into_messages_under_the_byte_limit():
+    from kvfleet.controller.router.service import _parts
+
+    def item(sid: int, tokens: int) -> pb.GenerateManyItem:
+        return pb.GenerateManyItem(stream=sid, response=pb.GenerateResponse(
+            chunk=pb.TokenChunk(token_ids=list(range(tokens)), text="x" * tokens)))
+
+    items = [item(i, 1 + (i % 7) * 300) for i in range(200)]
+    parts = list(_parts(items, 10_000))
+    assert [it for part in parts for it in part] == items          # all, in order
+    assert len(parts) > 1 and all(part for part in parts)
+    assert all(sum(it.ByteSize() for it in part) <= 10_000 for part in parts)
+    huge = item(1, 20_000)                                          # alone over the limit: alone in its message
+    assert list(_parts([items[0], huge, items[1]], 10_000)) == [[items[0]], [huge], [items[1]]]
+    assert list(_parts([], 10_000)) == []
