@@ -315,6 +315,7 @@ class RouterService(pbg.InferenceServicer):
         room.set()
         tasks: dict[int, asyncio.Task] = {}
         sinks: dict[int, _Sink] = {}   # the running requests' (see _relay)
+        unwinding: set[asyncio.Task] = set()   # cancelled by the caller, still billing
         reading = True
         failed: list[BaseException] = []
         item_context = _ItemContext(tuple(context.invocation_metadata() or ()))
@@ -369,6 +370,8 @@ class RouterService(pbg.InferenceServicer):
                             # after it the id is free (the billing unwinds in its task).
                             sinks.pop(msg.stream).closed = True
                             t.cancel()
+                            unwinding.add(t)
+                            t.add_done_callback(unwinding.discard)
                             fail(msg.stream, RequestError(grpc.StatusCode.CANCELLED, "cancelled by the caller"))
             except Exception as exc:   # not the caller half-closing: the call cannot go on
                 failed.append(exc)
@@ -396,7 +399,7 @@ class RouterService(pbg.InferenceServicer):
             reader.cancel()
             for t in list(tasks.values()):
                 t.cancel()
-            await asyncio.gather(reader, *tasks.values(), return_exceptions=True)
+            await asyncio.gather(reader, *tasks.values(), *unwinding, return_exceptions=True)
 
     async def _serve(self, request: pb.GenerateRequest, context, sink: _Sink | None = None):
         """One request, Generate's or one of a GenerateMany call's: yields what the client
