@@ -26,6 +26,10 @@ from kvfleet.v1 import node_pb2_grpc as npbg
 
 log = logging.getLogger(__name__)
 
+# How long blocks learned from a routed prompt count as held on an exact-tracking node
+# without its KV events confirming them (Fleet.learn).
+PROVISIONAL_S = 5.0
+
 CHANNEL_OPTIONS = [
     ("grpc.keepalive_time_ms", 10_000),
     ("grpc.keepalive_timeout_ms", 5_000),
@@ -83,6 +87,9 @@ class NodeConn:
     pending_sent: dict[str, float] = field(default_factory=dict)  # request id -> when it was sent (monotonic)
     updated_at: float = 0.0        # monotonic time of the last state update
     approx: dict[str, ApproxCache] = field(default_factory=dict)  # model -> learned cache (no KV events)
+    # model -> {block hash: until (monotonic s)}: blocks of prompts this router routed here that the
+    # node's KV events have not confirmed yet (see Fleet.learn)
+    provisional: dict[str, dict[int, float]] = field(default_factory=dict)
     task: asyncio.Task | None = None
     mux: NodeMux | CallMux | None = None   # this router's requests to the node (see mux.py)
     serve_level: int = 0           # what the node's Serve takes (StateUpdate.serve_level)
@@ -240,6 +247,7 @@ class Fleet:
         conn.connected = False
         conn.set_serve_level(0)   # until the next snapshot says what this node agent takes
         conn.approx.clear()
+        conn.provisional.clear()
         for m in conn.entry.models:
             idx = self.index.get(m.name, m.block_size)
             slot = idx.slot_of(conn.entry.node_id) if idx is not None else None
@@ -254,6 +262,7 @@ class Fleet:
                 idx = self.index.get(m.name, m.block_size)
                 if idx is not None and (slot := idx.slot_of(node_id)) is not None:
                     idx.clear(slot)
+            conn.provisional.clear()
         elif update.seq != conn.last_seq + 1:
             log.warning("router: state seq gap on %s (%d -> %d); resubscribing", node_id, conn.last_seq, update.seq)
             raise ConnectionError("sequence gap")
@@ -261,10 +270,13 @@ class Fleet:
         conn.set_serve_level(update.serve_level)
         for name in update.cleared_models:
             self._blocks(conn, name, lambda idx, slot, _: idx.clear(slot), None)
+            conn.provisional.pop(name, None)
         for mb in update.removed:
             self._blocks(conn, mb.model, lambda idx, slot, h: idx.remove(slot, h), mb)
         for mb in update.stored:
             self._blocks(conn, mb.model, lambda idx, slot, h: idx.store(slot, h), mb)
+        if conn.provisional:
+            self._settle_provisional(conn, update)
         for rid in update.accepted_request_ids:
             conn.pending_tokens -= conn.pending.pop(rid, 0)
         load = update.load
@@ -279,6 +291,31 @@ class Fleet:
         self._sync(conn)
         if conn.routable and not was_routable:
             self.changed.set()
+
+    def _settle_provisional(self, conn: NodeConn, update: npb.StateUpdate) -> None:
+        """Blocks the node's events now name are confirmed (stored) or gone (removed);
+        those past their time unconfirmed leave the index."""
+        for mb in (*update.stored, *update.removed):
+            if (prov := conn.provisional.get(mb.model)) is not None:
+                for h in mb.block_hashes:
+                    prov.pop(h, None)
+        now = time.monotonic()
+        for model, prov in list(conn.provisional.items()):
+            expired = []
+            for h, until in prov.items():   # in the order learned: the oldest first
+                if until > now:
+                    break
+                expired.append(h)
+            for h in expired:
+                del prov[h]
+            if not prov:
+                del conn.provisional[model]
+            entry = conn.models.get(model)
+            if expired and entry is not None:
+                idx = self.index.get(model, entry.block_size)
+                slot = idx.slot_of(conn.entry.node_id) if idx is not None else None
+                if slot is not None:
+                    idx.remove(slot, np.array(expired, dtype=np.uint64))
 
     def _blocks(self, conn: NodeConn, model: str, op, mb) -> None:
         entry = conn.models.get(model)
@@ -308,15 +345,35 @@ class Fleet:
             self._sync(conn)
 
     def learn(self, node_id: str, model: str, hashes: np.ndarray) -> None:
-        """Approximate tracking: a node whose engine publishes no KV events now probably
-        holds this prompt's blocks."""
+        """The node has prefilled a prompt this router sent it (its first token came), so
+        it holds the prompt's full blocks now.
+
+        Approximate tracking (an engine without KV events): it probably holds them, for
+        a while (``ApproxCache``). Exact tracking: its KV events will say so, but only
+        with its next state update (tens of ms, more on a busy node); a request with the
+        same prefix that comes meanwhile would find no node holding it. So the blocks
+        count as held now, provisionally: the node's events confirm them, or they leave
+        the index after ``PROVISIONAL_S`` (an engine that did not keep them)."""
         conn = self.nodes.get(node_id)
         entry = conn.models.get(model) if conn else None
-        if conn is None or entry is None or entry.cache_tracking != "approximate" or len(hashes) == 0:
+        if conn is None or entry is None or len(hashes) == 0:
             return
         idx = self.index.get(model, entry.block_size)
         slot = idx.slot_of(node_id) if idx is not None else None
         if slot is None:
+            return
+        if entry.cache_tracking != "approximate":
+            # Only blocks past what it holds already (its cached set is prefix-closed along
+            # a chain, as the index assumes): those it holds stay whatever happens here.
+            depth = int(idx.match(hashes, np.array([slot], dtype=np.int64))[0])
+            new = hashes[depth:]
+            if len(new):
+                prov = conn.provisional.setdefault(model, {})
+                until = time.monotonic() + PROVISIONAL_S
+                for h in new.tolist():
+                    prov.pop(h, None)
+                    prov[h] = until
+                idx.store(slot, new)
             return
         cache = conn.approx.setdefault(model, ApproxCache(entry.num_blocks))
         stored, dropped = cache.learn(hashes, time.monotonic())

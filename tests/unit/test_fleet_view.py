@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from kvfleet.controller.registry import ModelEntry, NodeEntry
+from kvfleet.controller.router import fleet as fleet_module
 from kvfleet.controller.router.fleet import ApproxCache, Fleet, NodeConn
 from kvfleet.controller.router.nodes import NodeTable, NodeView
 from kvfleet.hashing import block_hashes
@@ -95,14 +96,41 @@ def test_admin_state_makes_a_node_unroutable():
     assert not f.views(MODEL)[0].routable
 
 
-def test_approximate_nodes_learn_routed_prompts_and_exact_nodes_do_not():
+def test_approximate_nodes_learn_routed_prompts():
     f, conn = fleet_with(tracking="approximate")
     h = block_hashes(list(range(320)), 16)
     f.learn("n1", MODEL, h[:10])
     assert matched(f, h) == 10
+
+
+def test_exact_nodes_hold_a_routed_prompt_provisionally_until_their_events_confirm_it(monkeypatch):
+    h = block_hashes(list(range(320)), 16)
+    f, conn = fleet_with(tracking="exact")
+    f.apply_update(conn, update(1, snapshot=True, stored=h[:4]))      # held, from events
+    f.learn("n1", MODEL, h[:10])                                       # first token of a routed prompt
+    assert matched(f, h) == 10 and list(conn.provisional[MODEL]) == [int(x) for x in h[4:10]]
+    f.apply_update(conn, update(2, stored=h[4:7]))                     # the node's events confirm three
+    assert list(conn.provisional[MODEL]) == [int(x) for x in h[7:10]]
+    f.apply_update(conn, update(3))                                    # not due yet: still held
+    assert matched(f, h) == 10
+    # A snapshot replaces everything, provisional blocks included.
+    f.learn("n1", MODEL, h)
+    assert matched(f, h) == len(h)
+    f.apply_update(conn, update(4, snapshot=True, stored=h[:2]))
+    assert matched(f, h) == 2 and conn.provisional == {}
+    # So does losing the state stream.
+    f.learn("n1", MODEL, h)
+    f._disconnect(conn)
+    assert matched(f, h) == 0 and conn.provisional == {}
+
+    # Blocks the node's events never confirm leave the index with its next update past their time.
+    monkeypatch.setattr(fleet_module, "PROVISIONAL_S", 0.0)
     g, gconn = fleet_with(tracking="exact")
+    g.apply_update(gconn, update(1, snapshot=True, stored=h[:4]))
     g.learn("n1", MODEL, h[:10])
-    assert matched(g, h) == 0
+    assert matched(g, h) == 10
+    g.apply_update(gconn, update(2, stored=h[4:6]))                   # two confirmed, the rest due
+    assert matched(g, h) == 6 and gconn.provisional == {}
 
 
 def test_approximate_cache_is_bounded_by_capacity_lru_first():
