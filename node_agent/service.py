@@ -141,7 +141,7 @@ class NodeAgentService(pbg.NodeAgentServicer):
                                 flush(now)
                             else:   # on the shared clock: requests with this interval go out together
                                 tick = interval / 2
-                                at = math.ceil(due / tick) * tick
+                                at = math.ceil(due / tick - 1e-9) * tick   # (due on a tick stays on it)
                                 timer = loop.call_at(at, flush, at)
             except StreamFailed as exc:
                 release()   # what was made before the failure still goes first

@@ -52,7 +52,7 @@ class ApproxCache:
     def learn(self, hashes: np.ndarray, now: float) -> tuple[np.ndarray, list[int]]:
         """Records a routed prompt's blocks; returns (blocks to store, blocks to drop)."""
         seen = self._seen
-        for h in hashes.tolist():
+        for h in reversed(hashes.tolist()):   # the first blocks last: the LRU drops a prompt's tail first
             seen[h] = now
             seen.move_to_end(h)
         dropped = []
@@ -93,13 +93,15 @@ class NodeConn:
     task: asyncio.Task | None = None
     mux: NodeMux | CallMux | None = None   # this router's requests to the node (see mux.py)
     serve_level: int = 0           # what the node's Serve takes (StateUpdate.serve_level)
+    snapshot_at: float = 0.0       # monotonic time of the node's last state snapshot (a new subscription)
 
     def stream(self, request: npb.NodeGenerateRequest) -> NodeStream:
         """Sends ``request`` on the node's Serve stream, opening one if there is none or
         the last one failed; for a node agent without Serve, as its own Generate call."""
-        if self.mux is None or self.mux.closed or (isinstance(self.mux, CallMux) and self.serve_level >= 1):
-            # (A node agent upgraded in place to one with Serve gets one stream again; the
-            # calls already running go on.)
+        if self.mux is None or self.mux.closed or (
+                isinstance(self.mux, CallMux) and self.serve_level >= 1 and self.snapshot_at > self.mux.created_at):
+            # (A node agent restarted since it answered UNIMPLEMENTED, and now with Serve, gets
+            # one stream again; the calls already running go on.)
             if isinstance(self.mux, NodeMux) and self.mux.unimplemented:
                 log.warning("router: node %s has no Serve (an older node agent): one call per request",
                             self.entry.node_id)
@@ -263,6 +265,7 @@ class Fleet:
                 if idx is not None and (slot := idx.slot_of(node_id)) is not None:
                     idx.clear(slot)
             conn.provisional.clear()
+            conn.snapshot_at = time.monotonic()
         elif update.seq != conn.last_seq + 1:
             log.warning("router: state seq gap on %s (%d -> %d); resubscribing", node_id, conn.last_seq, update.seq)
             raise ConnectionError("sequence gap")
@@ -363,10 +366,9 @@ class Fleet:
         if slot is None:
             return
         if entry.cache_tracking != "approximate":
-            # Only blocks past what it holds already (its cached set is prefix-closed along
-            # a chain, as the index assumes): those it holds stay whatever happens here.
-            depth = int(idx.match(hashes, np.array([slot], dtype=np.int64))[0])
-            new = hashes[depth:]
+            # Only blocks it does not hold already: those it holds stay whatever happens here
+            # (one provisional block it held would be dropped when its time is up).
+            new = hashes[~idx.holds(slot, hashes)]
             if len(new):
                 prov = conn.provisional.setdefault(model, {})
                 until = time.monotonic() + PROVISIONAL_S

@@ -318,6 +318,13 @@ class PrefixIndex:
         slot = self._check_slot(slot)
         return self._find_scalar(_mix_int(int(block_hash), self._salt_int[slot]), slot) >= 0
 
+    def holds(self, slot: int, hashes: np.ndarray) -> np.ndarray:
+        """Whether ``slot`` holds each of ``hashes`` (bool array). O(len(hashes))."""
+        slot = self._check_slot(slot)
+        self._flush()
+        h = np.asarray(hashes, dtype=_U64).reshape(-1)
+        return self._present(h, np.full(h.size, slot, dtype=np.int64))
+
     def blocks_of(self, slot: int) -> int:
         """Number of blocks ``slot`` holds. O(1)."""
         slot = self._check_slot(slot)

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections import deque
 
 import grpc
@@ -289,6 +290,7 @@ class CallMux:
     def __init__(self, stub, node_id: str) -> None:
         self.node_id = node_id
         self.closed = False
+        self.created_at = time.monotonic()
         self._stub = stub
         self._next = 0
         self._calls: dict[int, asyncio.Task] = {}

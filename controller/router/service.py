@@ -64,6 +64,12 @@ MANY_BACKLOG = 4096
 MANY_MESSAGE_BYTES = 1 << 20
 
 
+def _error_item(stream: int, exc: RequestError) -> pb.GenerateManyItem:
+    retry = next((int(v) for k, v in exc.trailers if k == "retry-after-ms"), 0)
+    return pb.GenerateManyItem(stream=stream, error=pb.GenerateError(
+        code=exc.code.value[0], message=str(exc), retry_after_ms=retry))
+
+
 def _parts(items: list, max_bytes: int):
     """``items`` in order, in runs of at most ``max_bytes`` (a single larger item alone)."""
     start, size = 0, 0
@@ -327,22 +333,33 @@ class RouterService(pbg.InferenceServicer):
             wake.set()
 
         def fail(stream: int, exc: RequestError) -> None:
-            retry = next((int(v) for k, v in exc.trailers if k == "retry-after-ms"), 0)
-            emit(pb.GenerateManyItem(stream=stream, error=pb.GenerateError(
-                code=exc.code.value[0], message=str(exc), retry_after_ms=retry)))
+            emit(_error_item(stream, exc))
 
         async def run(stream: int, request: pb.GenerateRequest, sink: _Sink) -> None:
+            me = asyncio.current_task()
+
+            def last(item: pb.GenerateManyItem) -> None:
+                """The request's last item: its id is free from here on (a cancel for it now
+                finds nothing, and does not end it twice)."""
+                emit(item)
+                if tasks.get(stream) is me:
+                    del tasks[stream]
+                    del sinks[stream]
+
             try:
                 async with aclosing(self._serve(request, item_context, sink)) as outputs:
                     async for msg in outputs:
+                        if msg.HasField("usage"):
+                            last(pb.GenerateManyItem(stream=stream, response=msg))
+                            continue
                         emit(pb.GenerateManyItem(stream=stream, response=msg))
                         if not room.is_set():
                             await room.wait()   # the caller reads slower than its requests produce
             except RequestError as exc:
-                fail(stream, exc)
+                last(_error_item(stream, exc))
             except Exception as exc:   # a bug here must end this request, not the call
                 log.exception("router: request %s of a GenerateMany call failed", request.request_id)
-                fail(stream, RequestError(grpc.StatusCode.INTERNAL, f"router error: {exc}"))
+                last(_error_item(stream, RequestError(grpc.StatusCode.INTERNAL, f"router error: {exc}")))
 
         def ended(stream: int, task: asyncio.Task) -> None:
             # A done callback, not a finally: it also runs for a task cancelled before it started.
@@ -556,7 +573,7 @@ class RouterService(pbg.InferenceServicer):
                     continue
                 child(ATTEMPTS, cand.node_id, "ok").inc()
                 bs = ranked.block_size.get(cand.node_id)
-                if bs is not None:
+                if bs is not None and first[0] == "tokens":   # prefilled (an end before any token may not be)
                     self.fleet.learn(cand.node_id, p.model, ranked.hashes[bs])
                 child(TTFT, p.model).observe(time.monotonic() - t_start)
                 if relayed is not None:

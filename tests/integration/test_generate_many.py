@@ -458,3 +458,19 @@ async def test_a_caller_that_stops_reading_holds_its_requests_back_and_then_gets
     assert MANY_BACKLOG <= many.largest < MANY_BACKLOG + 4 * len(reqs), many.largest
     chunks = [i.response.chunk for items in many.items.values() for i in items if i.response.HasField("chunk")]
     assert any(len(c.token_ids) > 1 for c in chunks)
+
+
+async def test_a_cancel_after_a_request_ended_is_ignored(cluster, inf):
+    short = req(7101, max_tokens=3)
+    want = await generate(inf, short)
+    many = Many(inf)
+    await many.start({1: short})
+    await many.read_until(lambda: many.result(1).done)
+    await many.cancel(1)                      # too late: its usage came, the id is free
+    await many.start({2: req(7102, max_tokens=2)})
+    await many.read_until(lambda: many.result(2).done)
+    assert many.result(1).key() == want.key() and not any(i.HasField("error") for i in many.items[1])
+    await many.start({1: short})              # and taken again by a new request
+    await many.finish()
+    assert len([i for i in many.items[1] if i.response.HasField("usage")]) == 2
+    assert not any(i.HasField("error") for i in many.items[1])

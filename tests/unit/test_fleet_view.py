@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 
 import numpy as np
@@ -10,6 +11,7 @@ import pytest
 from kvfleet.controller.registry import ModelEntry, NodeEntry
 from kvfleet.controller.router import fleet as fleet_module
 from kvfleet.controller.router.fleet import ApproxCache, Fleet, NodeConn
+from kvfleet.controller.router.mux import CallMux, NodeMux
 from kvfleet.controller.router.nodes import NodeTable, NodeView
 from kvfleet.hashing import block_hashes
 from kvfleet.v1 import common_pb2 as cpb
@@ -137,16 +139,18 @@ def test_approximate_cache_is_bounded_by_capacity_lru_first():
     c = ApproxCache(capacity=3, ttl_s=100)
     stored, dropped = c.learn(np.array([1, 2, 3], dtype=np.uint64), now=0)
     assert dropped == [] and len(c) == 3
-    _, dropped = c.learn(np.array([1], dtype=np.uint64), now=1)   # 1 becomes most recent
+    _, dropped = c.learn(np.array([2], dtype=np.uint64), now=1)   # 2 becomes most recent
     _, dropped = c.learn(np.array([4], dtype=np.uint64), now=2)
-    assert dropped == [2] and len(c) == 3
+    # Within a prompt the tail is older than the head (a node keeps a prompt's head longest,
+    # and a set with gaps would break the index's prefix walk): 3 goes first.
+    assert dropped == [3] and len(c) == 3
 
 
 def test_approximate_cache_forgets_entries_older_than_the_ttl():
     c = ApproxCache(capacity=10, ttl_s=5)
     c.learn(np.array([1, 2], dtype=np.uint64), now=0)
     _, dropped = c.learn(np.array([3], dtype=np.uint64), now=6)
-    assert dropped == [1, 2] and len(c) == 1
+    assert dropped == [2, 1] and len(c) == 1   # the tail first
 
 
 def test_a_broken_state_stream_drops_the_nodes_blocks_and_learned_cache():
@@ -169,6 +173,72 @@ def test_a_nodes_serve_level_is_what_its_state_stream_last_said():
     assert conn.serve_level == 1
     f._disconnect(conn)                        # whatever runs there after a restart must say it again
     assert conn.serve_level == 0
+
+
+def test_provisional_blocks_never_cover_blocks_the_node_already_holds(monkeypatch):
+    """Sets with gaps (an eviction order the index does not assume, an approximate node
+    sharing the blocks) must not make a held block provisional: its time running out would
+    drop it for good, since the engine, holding it, sends no new event for it."""
+    monkeypatch.setattr(fleet_module, "PROVISIONAL_S", 0.0)
+    h = block_hashes(list(range(320)), 16)
+    f, x = fleet_with("x")
+    _, y = fleet_with("y")
+    f.nodes["y"] = y
+    f.index.get_or_create(MODEL, 16).add_node("y")
+    f._sync(y)
+    f.apply_update(x, update(1, snapshot=True, stored=h[:6]))
+    f.apply_update(y, update(1, snapshot=True, stored=h[4:10]))      # a gap: the head evicted
+    f.apply_update(x, update(2, stored=h[8:9]))                       # and x holds one deeper block
+    f.learn("x", MODEL, h[:10])
+    assert sorted(x.provisional[MODEL]) == sorted(int(b) for b in (*h[6:8], h[9]))
+    f.apply_update(x, update(3))                                      # unconfirmed: dropped
+    idx = f.index.get(MODEL, 16)
+    assert x.provisional == {}
+    assert idx.holds(idx.slot_of("x"), h[:10]).tolist() == [True] * 6 + [False, False, True, False]
+
+
+class _Call:
+    def __init__(self) -> None:
+        self.done = False
+
+    def __aiter__(self):
+        return self
+
+    async def __anext__(self):
+        while not self.done:
+            await asyncio.sleep(0.01)
+        raise StopAsyncIteration
+
+    def cancel(self) -> None:
+        self.done = True
+
+
+class _Stub:
+    def Serve(self, requests):
+        return _Call()
+
+    def Generate(self, request):
+        return _Call()
+
+
+async def test_one_call_per_request_ends_only_for_a_node_restarted_with_serve():
+    f, conn = fleet_with()
+    conn.stub = _Stub()
+    conn.mux = CallMux(conn.stub, "n1")              # the node answered Serve with UNIMPLEMENTED
+    f.apply_update(conn, update(1, snapshot=True))   # its stream's snapshot came before that...
+    conn.snapshot_at = conn.mux.created_at - 1.0
+    conn.set_serve_level(1)                          # ...so a level of 1 now is stale: keep the calls
+    old = conn.mux
+    conn.stream(npb.NodeGenerateRequest(request_id="a"))
+    assert conn.mux is old
+    f.apply_update(conn, update(1, snapshot=True))   # resubscribed after a restart: a new snapshot
+    upd = update(2)
+    upd.serve_level = 1
+    f.apply_update(conn, upd)
+    conn.stream(npb.NodeGenerateRequest(request_id="b"))
+    assert isinstance(conn.mux, NodeMux) and conn.mux.batches
+    await conn.mux.close()
+    await old.close()
 
 
 # -- the node table the router's decisions read ---------------------------------------------
