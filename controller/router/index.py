@@ -321,8 +321,10 @@ class PrefixIndex:
     def holds(self, slot: int, hashes: np.ndarray) -> np.ndarray:
         """Whether ``slot`` holds each of ``hashes`` (bool array). O(len(hashes))."""
         slot = self._check_slot(slot)
-        self._flush()
         h = np.asarray(hashes, dtype=_U64).reshape(-1)
+        if h.size <= SCALAR_MAX:   # as store() and remove(): small batches in plain Python
+            salt = self._salt_int[slot]
+            return np.array([self._find_scalar(_mix_int(int(x), salt), slot) >= 0 for x in h.tolist()], dtype=bool)
         return self._present(h, np.full(h.size, slot, dtype=np.int64))
 
     def blocks_of(self, slot: int) -> int:

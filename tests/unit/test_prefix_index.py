@@ -554,3 +554,17 @@ def test_holder_lookup_of_a_prompt_is_exact_up_to_its_first_unheld_block_in_a_cr
         full_count, full_xor = holders.lookup(prompt)
         assert z == (int(np.argmax(full_count == 0)) if (full_count == 0).any() else len(prompt))
         assert (count[:z] == full_count[:z]).all() and (xor[:z] == full_xor[:z]).all() and not count[z:].any()
+
+
+@pytest.mark.parametrize("n", [SCALAR_MAX // 2, SCALAR_MAX * 4])
+def test_holds_says_per_block_what_contains_says(n):
+    idx = PrefixIndex()
+    a, b = idx.add_node("a"), idx.add_node("b")
+    h = block_hashes(list(range(16 * n)), 16)
+    idx.store(a, h[::2])
+    idx.store(b, h[1::3])
+    for slot in (a, b):
+        got = idx.holds(slot, h)
+        assert got.dtype == bool and got.tolist() == [idx.contains(slot, int(x)) for x in h]
+    assert idx.holds(a, h[::2]).all() and not idx.holds(a, h[1::2]).any()
+    assert idx.holds(a, np.zeros(0, np.uint64)).size == 0
