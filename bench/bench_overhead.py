@@ -117,14 +117,16 @@ async def _relay_call(port: int, up: int) -> None:
         async for m in call(req):
             yield m
 
-    await _serve_relay(port, gen)
+    await _serve_relay(port, grpc.unary_stream_rpc_method_handler(gen, _raw, _raw))
 
 
-async def _relay_mux(port: int, up: int) -> None:
+def _mux_upstream(up: int, name: str, deliver):
+    """One multiplexed stream to the upstream. Returns ``send(body) -> upstream sid``, which
+    starts a request, and the reader task, which calls ``deliver(sid, item)`` for each
+    item (1 byte: last or not, then 8 bytes) as batches arrive."""
     ch = grpc.aio.insecure_channel(f"127.0.0.1:{up}")
     out: deque[bytes] = deque()
     out_wake = asyncio.Event()
-    streams: dict[int, tuple[deque, asyncio.Event]] = {}
     counter = [0]
 
     async def requests():
@@ -140,23 +142,35 @@ async def _relay_mux(port: int, up: int) -> None:
         try:
             async for batch in upstream:
                 for off in range(0, len(batch), 13):
-                    s = streams.get(int.from_bytes(batch[off:off + 4], "little"))
-                    if s is not None:
-                        s[0].append(batch[off + 4:off + 13])
-                        s[1].set()
+                    deliver(int.from_bytes(batch[off:off + 4], "little"), batch[off + 4:off + 13])
         except BaseException as exc:   # fail loudly: the bench times out rather than wait
-            print(f"floor-mux upstream failed: {exc!r}", file=sys.stderr, flush=True)
+            print(f"{name} upstream failed: {exc!r}", file=sys.stderr, flush=True)
             os._exit(1)
 
-    reader = asyncio.ensure_future(read())
+    def send(body: bytes) -> int:
+        counter[0] += 1
+        out.append(counter[0].to_bytes(4, "little") + body)
+        out_wake.set()
+        return counter[0]
+
+    return send, asyncio.ensure_future(read())
+
+
+async def _relay_mux(port: int, up: int) -> None:
+    streams: dict[int, tuple[deque, asyncio.Event]] = {}
+
+    def deliver(sid: int, item: bytes) -> None:
+        s = streams.get(sid)
+        if s is not None:
+            s[0].append(item)
+            s[1].set()
+
+    send, reader = _mux_upstream(up, "floor-mux", deliver)
 
     async def gen(req, ctx):
-        counter[0] += 1
-        sid = counter[0]
         q, ev = deque(), asyncio.Event()
-        streams[sid] = (q, ev)
-        out.append(sid.to_bytes(4, "little") + req)
-        out_wake.set()
+        sid = send(req)
+        streams[sid] = (q, ev)   # before any item can come: delivery needs a loop turn
         try:
             while True:
                 while not q:
@@ -169,44 +183,24 @@ async def _relay_mux(port: int, up: int) -> None:
         finally:
             streams.pop(sid, None)
 
-    await _serve_relay(port, gen)
+    await _serve_relay(port, grpc.unary_stream_rpc_method_handler(gen, _raw, _raw))
     reader.cancel()
 
 
 async def _relay_mux2(port: int, up: int) -> None:
     """Multiplexed on both sides: the client's requests arrive on one stream and their
     outputs leave batched, as they arrive from the upstream; no per-request task."""
-    ch = grpc.aio.insecure_channel(f"127.0.0.1:{up}")
-    out: deque[bytes] = deque()
-    out_wake = asyncio.Event()
     fronts: dict[int, tuple[bytes, list, asyncio.Event]] = {}   # upstream sid -> (client sid, its stream's ready list, wake)
-    counter = [0]
 
-    async def requests():
-        while True:
-            while out:
-                yield out.popleft()
-            out_wake.clear()
-            await out_wake.wait()
+    def deliver(usid: int, item: bytes) -> None:
+        f = fronts.get(usid)
+        if f is not None:
+            f[1].append(f[0] + item)
+            f[2].set()
+            if item[0]:
+                del fronts[usid]
 
-    upstream = ch.stream_stream("/floor.Up/Mux", request_serializer=_raw, response_deserializer=_raw)(requests())
-
-    async def read() -> None:
-        try:
-            async for batch in upstream:
-                for off in range(0, len(batch), 13):
-                    usid = int.from_bytes(batch[off:off + 4], "little")
-                    f = fronts.get(usid)
-                    if f is not None:
-                        f[1].append(f[0] + batch[off + 4:off + 13])
-                        f[2].set()
-                        if batch[off + 4]:
-                            del fronts[usid]
-        except BaseException as exc:
-            print(f"floor-mux2 upstream failed: {exc!r}", file=sys.stderr, flush=True)
-            os._exit(1)
-
-    reader = asyncio.ensure_future(read())
+    send, reader = _mux_upstream(up, "floor-mux2", deliver)
 
     async def mux(reqs, ctx):
         ready: list[bytes] = []
@@ -214,10 +208,7 @@ async def _relay_mux2(port: int, up: int) -> None:
 
         async def pump() -> None:
             async for r in reqs:
-                counter[0] += 1
-                fronts[counter[0]] = (r[:4], ready, wake)
-                out.append(counter[0].to_bytes(4, "little") + r[4:])
-                out_wake.set()
+                fronts[send(r[4:])] = (r[:4], ready, wake)
 
         task = asyncio.ensure_future(pump())
         try:
@@ -230,20 +221,13 @@ async def _relay_mux2(port: int, up: int) -> None:
         finally:
             task.cancel()
 
-    server = grpc.aio.server(options=_NO_REUSEPORT)
-    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(
-        "floor.Relay", {"Mux": grpc.stream_stream_rpc_method_handler(mux, _raw, _raw)}),))
-    server.add_insecure_port(f"127.0.0.1:{port}")
-    await server.start()
-    print("ready", flush=True)
-    await server.wait_for_termination()
+    await _serve_relay(port, grpc.stream_stream_rpc_method_handler(mux, _raw, _raw), "Mux")
     reader.cancel()
 
 
-async def _serve_relay(port: int, gen) -> None:
+async def _serve_relay(port: int, handler, method: str = "Gen") -> None:
     server = grpc.aio.server(options=_NO_REUSEPORT)
-    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(
-        "floor.Relay", {"Gen": grpc.unary_stream_rpc_method_handler(gen, _raw, _raw)}),))
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler("floor.Relay", {method: handler}),))
     server.add_insecure_port(f"127.0.0.1:{port}")
     await server.start()
     print("ready", flush=True)

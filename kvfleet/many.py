@@ -24,24 +24,12 @@ from typing import AsyncIterator
 
 import grpc
 
+from kvfleet.aio import StatusError
 from kvfleet.v1 import inference_pb2 as pb
 
 
-class ManyError(grpc.RpcError):
+class ManyError(StatusError):
     """How one request of a GenerateMany call ended, as ``grpc.aio.AioRpcError`` would tell it."""
-
-    def __init__(self, code: grpc.StatusCode, details: str, retry_after_ms: int = 0) -> None:
-        super().__init__(f"{code.name}: {details}")
-        self._code, self._details, self.retry_after_ms = code, details, retry_after_ms
-
-    def code(self) -> grpc.StatusCode:
-        return self._code
-
-    def details(self) -> str:
-        return self._details
-
-
-_CODES = {c.value[0]: c for c in grpc.StatusCode}
 
 
 class _Stream:
@@ -88,7 +76,7 @@ class _Call:
                         continue   # cancelled by this side
                     if item.HasField("error"):
                         e = item.error
-                        s.items.append(ManyError(_CODES.get(e.code, grpc.StatusCode.UNKNOWN), e.message, e.retry_after_ms))
+                        s.items.append(ManyError.of(e.code, e.message, e.retry_after_ms))
                         del self.streams[item.stream]
                     else:
                         s.items.append(item.response)

@@ -21,28 +21,17 @@ from collections import deque
 
 import grpc
 
+from kvfleet.aio import StatusError
 from kvfleet.v1 import node_pb2 as npb
 
 log = logging.getLogger(__name__)
 
-_CODES = {c.value[0]: c for c in grpc.StatusCode}
 # Starts and cancels batched into one Serve message, in bytes (ServeRequest.more).
 MAX_BATCH_BYTES = 1 << 20
 
 
-class StreamError(Exception):
-    """A request ended with a gRPC status instead of a final message. Has the same
-    ``code()`` / ``details()`` as ``grpc.aio.AioRpcError``."""
-
-    def __init__(self, code: grpc.StatusCode, details: str) -> None:
-        super().__init__(f"{code.name}: {details}")
-        self._code, self._details = code, details
-
-    def code(self) -> grpc.StatusCode:
-        return self._code
-
-    def details(self) -> str:
-        return self._details
+class StreamError(StatusError):
+    """A request on a node's stream ended with a gRPC status instead of a final message."""
 
 
 class NodeStream:
@@ -247,7 +236,7 @@ class NodeMux:
                         s.push(item.final)
                     else:
                         e = item.error
-                        s.push(StreamError(_CODES.get(e.code, grpc.StatusCode.UNKNOWN), e.message))
+                        s.push(StreamError.of(e.code, e.message))
         except grpc.aio.AioRpcError as exc:
             if exc.code() == grpc.StatusCode.UNIMPLEMENTED:
                 # A node agent from before Serve: its requests go one call each from now on

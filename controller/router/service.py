@@ -135,9 +135,14 @@ class _Sink:
     def __init__(self, stream: int, emit, room: asyncio.Event) -> None:
         self.stream, self.emit, self.room, self.closed = stream, emit, room, False
 
-    def send(self, msg: pb.GenerateResponse) -> bool:
+    def send(self, ids: list[int], text: str) -> bool:
+        """Sends a token chunk (built in place: no copy of a GenerateResponse)."""
         if not self.closed:
-            self.emit(pb.GenerateManyItem(stream=self.stream, response=msg))
+            item = pb.GenerateManyItem(stream=self.stream)
+            chunk = item.response.chunk
+            chunk.token_ids.extend(ids)
+            chunk.text = text
+            self.emit(item)
         return self.room.is_set()
 
     async def drained(self) -> None:
@@ -610,7 +615,7 @@ class RouterService(pbg.InferenceServicer):
                 if sink.closed:
                     return   # the caller cancelled: these tokens are not relayed (nor billed)
                 completion += len(ids)
-                if not sink.send(pb.GenerateResponse(chunk=pb.TokenChunk(token_ids=ids, text=detok.push(ids)))):
+                if not sink.send(ids, detok.push(ids)):
                     stream.divert(None)   # the caller is behind: tokens wait on the stream, merged
                 if relayed is not None:
                     relayed.completion = completion

@@ -16,6 +16,7 @@ import pytest
 
 from kvfleet.controller.router.service import MANY_BACKLOG
 from kvfleet.controller.tenancy import parse_key
+from kvfleet.aio import STATUS_BY_VALUE
 from kvfleet.many import ManyClient, ManyError
 from kvfleet.v1 import common_pb2 as compb
 from kvfleet.v1 import inference_pb2 as ipb
@@ -86,9 +87,6 @@ class Result:
                 u and (u.prompt_tokens, u.completion_tokens, u.finish_reason, u.request_id, u.tier))
 
 
-_CODES = {c.value[0]: c for c in grpc.StatusCode}
-
-
 async def generate(stub, r: ipb.GenerateRequest, metadata=()) -> Result:
     """The reference: the same request over Generate."""
     out = Result()
@@ -157,7 +155,7 @@ class Many:
         for item in self.items[sid] if items is None else items:
             if item.HasField("error"):
                 e = item.error
-                out.fail(_CODES[e.code], e.message, e.retry_after_ms)
+                out.fail(STATUS_BY_VALUE[e.code], e.message, e.retry_after_ms)
             else:
                 out.add(item.response)
         return out

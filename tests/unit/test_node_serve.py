@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections import defaultdict
 
 import grpc
 import pytest
@@ -157,6 +158,31 @@ async def drain(stream: NodeStream, timeout: float = 10.0) -> tuple[list[int], p
     return await asyncio.wait_for(run(), timeout)
 
 
+async def read_serve(call, done: asyncio.Event, ends: int, is_end, on_message=lambda resp: None,
+                     timeout: float = 10.0) -> dict[int, list]:
+    """Reads a raw Serve call until ``ends`` items whose kind ``is_end``, calling
+    ``on_message`` on each response; then ends its request stream (``done``) and cancels
+    it. Returns the items by stream id."""
+    per_stream: dict[int, list] = defaultdict(list)
+
+    async def collect():
+        ended = 0
+        async for resp in call:
+            on_message(resp)
+            for it in resp.items:
+                per_stream[it.stream].append(it)
+                ended += is_end(it.WhichOneof("kind"))
+            if ended >= ends:
+                return
+
+    try:
+        await asyncio.wait_for(collect(), timeout)
+    finally:
+        done.set()
+        call.cancel()
+    return per_stream
+
+
 async def eventually(pred, timeout: float = 2.0, what: str = "condition") -> None:
     deadline = time.monotonic() + timeout
     while not pred():
@@ -201,31 +227,11 @@ async def test_concurrent_requests_over_one_mux_get_what_generate_gives_and_repl
             yield pb.ServeRequest(stream=100 + i, start=request(f"r{i}", p, n))
         await done.wait()
 
-    call = node.stub.Serve(requests())
-    per_stream: dict[int, list] = {100 + i: [] for i in range(16)}
-    messages = items = 0
-    multi_stream_messages = 0
-
-    async def collect():
-        nonlocal messages, items, multi_stream_messages
-        finals = 0
-        async for resp in call:
-            messages += 1
-            items += len(resp.items)
-            if len({it.stream for it in resp.items}) > 1:
-                multi_stream_messages += 1
-            for it in resp.items:
-                per_stream[it.stream].append(it)
-                if it.WhichOneof("kind") != "tokens":
-                    finals += 1
-            if finals == len(specs):
-                return
-
-    try:
-        await asyncio.wait_for(collect(), 10)
-    finally:
-        done.set()
-        call.cancel()
+    responses: list[pb.ServeResponse] = []
+    per_stream = await read_serve(node.stub.Serve(requests()), done, len(specs), lambda kind: kind != "tokens",
+                                  responses.append)
+    messages, items = len(responses), sum(len(r.items) for r in responses)
+    multi_stream_messages = sum(1 for r in responses if len({it.stream for it in r.items}) > 1)
     for i, (want_tokens, want_final) in enumerate(expected):
         its = per_stream[100 + i]
         assert [it.WhichOneof("kind") for it in its[:-1]] == ["tokens"] * (len(its) - 1)
@@ -395,26 +401,9 @@ async def test_a_duplicate_stream_id_on_a_raw_serve_call_gets_invalid_argument(n
         yield pb.ServeRequest(stream=8, start=other)
         await done.wait()
 
-    call = node.stub.Serve(requests())
-    items: dict[int, list] = {7: [], 8: []}
     accepted: set[str] = set()
-
-    async def collect():
-        ended = 0
-        async for resp in call:
-            for it in resp.items:
-                items[it.stream].append(it)
-                if it.WhichOneof("kind") == "final":
-                    ended += 1
-            accepted.update(node.engine_requests())
-            if ended == 2:
-                return
-
-    try:
-        await asyncio.wait_for(collect(), 10)
-    finally:
-        done.set()
-        call.cancel()
+    items = await read_serve(node.stub.Serve(requests()), done, 2, lambda kind: kind == "final",
+                             lambda _: accepted.update(node.engine_requests()))
 
     errors = [it.error for it in items[7] if it.WhichOneof("kind") == "error"]
     assert len(errors) == 1
