@@ -18,7 +18,13 @@ request does not preempt the running one for its seat (vLLM preempts only when K
 run out), it is next.
 
 Orders, not times, are compared: each queued request decodes a few tokens alone before
-the next starts, so first tokens are ~seconds apart on 2 cores, far above stream jitter.
+the next starts, so first tokens are ~1 s apart on 2 cores, far above stream jitter. On a
+noisy machine one process on the way (the engine's API server, the node agent, the
+router, this test's client) can stall for seconds while the engine goes on; the tokens
+made meanwhile then reach the client in one burst, in no telling order (CI saw three
+requests' first tokens within 10 ms). A run where two first tokens came closer than
+``BURST_S`` does not show the order, so it is reported and run again, with new prompts,
+at most ``RUNS`` times; the order of the first run that shows it is asserted.
 """
 
 from __future__ import annotations
@@ -33,8 +39,9 @@ import pytest
 
 from kvfleet.v1 import common_pb2 as cpb
 from kvfleet.v1 import inference_pb2 as ipb
+from kvfleet.v1 import inference_pb2_grpc as ipbg
 from kvfleet.v1 import node_pb2 as npb
-from tests.integration.conftest import wait_for
+from tests.integration.conftest import BearerKey, wait_for
 from tests.vllm.conftest import MODEL, engine_server, metrics, start_fleet, token_ids
 
 pytestmark = pytest.mark.vllm
@@ -42,6 +49,8 @@ pytestmark = pytest.mark.vllm
 QUEUED_MAX_TOKENS = 16     # each queued request decodes alone for ~1-2 s on 2 cores
 BLOCKER_MAX_TOKENS = 1500  # minutes of decoding: it runs until the test cancels it
 CALL_TIMEOUT_S = 120       # bound on any one stream
+BURST_S = 0.3              # first tokens closer than this came in one burst: their order is not shown
+RUNS = 3                   # runs before a test gives up on seeing the order
 _ids = itertools.count()
 
 
@@ -102,6 +111,12 @@ class Queue:
         self.order: list[str] = []
         self.lock = threading.Lock()
         self.flights: dict[str, Flight] = {}
+        # One channel for this queue's calls (closed after the drain), with the fleet's key if it has one.
+        self.channel = grpc.insecure_channel(fleet.cluster.router) if via_router else None
+        if self.channel is not None:
+            key = fleet.cluster.api_key
+            self.inference = ipbg.InferenceStub(grpc.intercept_channel(self.channel, BearerKey(key)) if key
+                                                else self.channel)
 
     def counts(self) -> tuple[float, float]:
         m = metrics(self.url)
@@ -113,7 +128,7 @@ class Queue:
         if self.via_router:
             req = ipb.GenerateRequest(model=MODEL, sampling=sampling, tier=tier)
             req.token_ids.ids.extend(prompt)
-            call = self.fleet.cluster.inf().Generate(req, timeout=CALL_TIMEOUT_S)
+            call = self.inference.Generate(req, timeout=CALL_TIMEOUT_S)
         else:
             req = npb.NodeGenerateRequest(request_id=f"prio-{name}-{next(_ids)}", model=MODEL,
                                           prompt_token_ids=prompt, sampling=sampling, tier=tier)
@@ -139,8 +154,8 @@ class Queue:
         wait_for(lambda: self.counts() == (1, waiting_before + 1), 30, interval=0.05,
                  what=f"{name} to wait in vLLM's queue behind the blocker")
 
-    def release_and_drain(self, blocker: Flight) -> list[str]:
-        """Cancels the blocker, lets the queue run, returns the queued names in first-token order."""
+    def release_and_drain(self, blocker: Flight) -> list[Flight]:
+        """Cancels the blocker, lets the queue run, returns the queued flights in first-token order."""
         assert blocker.first_token_at is not None and not blocker.finished, "the blocker ended before the cancel"
         assert self.order == ["blocker"], f"a queued request got a token while the blocker ran: {self.order}"
         blocker.call.cancel()
@@ -150,32 +165,52 @@ class Queue:
         queued = [f for f in self.flights.values() if f is not blocker]
         for f in queued:
             assert f.error is None and f.finished and f.tokens > 0, (f.name, f.error, f.tokens)
-        print("first token after the cancel: " + ", ".join(
-            f"{f.name} {f.first_token_at - t0:.2f} s" for f in sorted(queued, key=lambda f: f.first_token_at)))
+        queued.sort(key=lambda f: f.first_token_at)
+        print("first token after the cancel: " + ", ".join(f"{f.name} {f.first_token_at - t0:.2f} s" for f in queued))
         wait_for(lambda: self.counts() == (0, 0), 10, interval=0.1, what="the engine to be idle again")
-        return self.order[1:]
+        if self.channel is not None:
+            self.channel.close()
+        assert [f.name for f in queued] == self.order[1:]
+        return queued
+
+
+def served_order(fleet, node: str, via_router: bool, queued: list[tuple[str, int, int]],
+                 waiting: int | None = None) -> list[str]:
+    """The order in which the engine served ``queued`` ((name, tier, seed) in the order
+    they join vLLM's queue behind a blocker), from the first run whose first tokens are
+    all at least BURST_S apart. ``waiting``: how many requests vLLM must count as waiting
+    once all are queued."""
+    runs = []
+    for run in range(RUNS):
+        q = Queue(fleet, node, via_router)
+        blocker = q.block()
+        for name, tier, seed in queued:
+            q.enqueue(name, tier, seed + 1000 * run)   # new prompts: no cache hit from an earlier run
+        if waiting is not None:
+            assert q.counts() == (1, waiting)
+        flights = q.release_and_drain(blocker)
+        gaps = [b.first_token_at - a.first_token_at for a, b in zip(flights, flights[1:])]
+        if min(gaps) >= BURST_S:
+            return [f.name for f in flights]
+        runs.append(", ".join(f"{f.name} {f.first_token_at - flights[0].first_token_at:.2f} s" for f in flights))
+        print(f"run {run + 1}: first tokens closer than {BURST_S} s came in one burst; their order is not shown")
+    pytest.fail(f"in each of {RUNS} runs some first tokens came in one burst, so the order was not shown: "
+                + " | ".join(runs))
 
 
 def test_vllm_serves_a_priority_request_before_queued_defaults_and_flex_after_them(one_seat):
     fleet, node = one_seat
-    q = Queue(fleet, node, via_router=False)
-    blocker = q.block()
     # Arrival order in vLLM: flex, three defaults (the last sent just before the priority
     # one: the control, a late default that must not jump the queue), then priority.
-    for name, tier, seed in [("flex", cpb.TIER_FLEX, 11), ("default1", cpb.TIER_DEFAULT, 12),
-                             ("default2", cpb.TIER_AUTO, 13), ("late-default", cpb.TIER_DEFAULT, 14),
-                             ("priority", cpb.TIER_PRIORITY, 15)]:
-        q.enqueue(name, tier, seed)
-    # The priority request waits too: vLLM gives it the next seat, not the running one's.
-    assert q.counts() == (1, 5)
-    assert q.release_and_drain(blocker) == ["priority", "default1", "default2", "late-default", "flex"]
+    # The priority request waits too (5 waiting): vLLM gives it the next seat, not the running one's.
+    order = served_order(fleet, node, False, [("flex", cpb.TIER_FLEX, 11), ("default1", cpb.TIER_DEFAULT, 12),
+                                              ("default2", cpb.TIER_AUTO, 13), ("late-default", cpb.TIER_DEFAULT, 14),
+                                              ("priority", cpb.TIER_PRIORITY, 15)], waiting=5)
+    assert order == ["priority", "default1", "default2", "late-default", "flex"]
 
 
 def test_a_priority_tier_request_through_the_router_overtakes_queued_default_ones(one_seat):
     fleet, node = one_seat
-    q = Queue(fleet, node, via_router=True)
-    blocker = q.block()
-    for name, tier, seed in [("default1", cpb.TIER_DEFAULT, 21), ("default2", cpb.TIER_AUTO, 22),
-                             ("late-default", cpb.TIER_DEFAULT, 23), ("priority", cpb.TIER_PRIORITY, 24)]:
-        q.enqueue(name, tier, seed)
-    assert q.release_and_drain(blocker) == ["priority", "default1", "default2", "late-default"]
+    order = served_order(fleet, node, True, [("default1", cpb.TIER_DEFAULT, 21), ("default2", cpb.TIER_AUTO, 22),
+                                             ("late-default", cpb.TIER_DEFAULT, 23), ("priority", cpb.TIER_PRIORITY, 24)])
+    assert order == ["priority", "default1", "default2", "late-default"]
