@@ -398,9 +398,12 @@ def run_router(nodes: int, time_scale: float, requests: int, reps: int, samples:
     fleet = start_fleet(data, nodes, scaled_config(preset_config("h100-llama3-8b"), time_scale), "kvfleet")
     out = {"kvfleet": {"runs": [], "data_dir": str(data)}, "kvfleet-many": {"runs": [], "data_dir": str(data)}}
     try:
-        for _ in range(reps):
+        for rep in range(reps):
             for name, many in (("kvfleet", False), ("kvfleet-many", True)):
-                out[name]["runs"].append(asyncio.run(router_cpu(fleet, requests, LONG, CONCURRENCY, time_scale=time_scale, many=many)))
+                # New prompts for each run: none finds another's cached.
+                seed = 100 + 10 * (2 * rep + many)
+                out[name]["runs"].append(asyncio.run(router_cpu(fleet, requests, LONG, CONCURRENCY, time_scale=time_scale,
+                                                                many=many, seed=seed)))
         for name, many in (("kvfleet", False), ("kvfleet-many", True)):
             out[name]["latency"] = asyncio.run(added_latency(fleet, samples, many=many))
     finally:

@@ -28,6 +28,11 @@ from kvfleet.aio import StatusError
 from kvfleet.v1 import inference_pb2 as pb
 
 
+# Starts and cancels queued at once go in one message up to this many bytes (a router's
+# gRPC server refuses messages over 4 MB, failing the whole call).
+MAX_BATCH_BYTES = 1 << 20
+
+
 class ManyError(StatusError):
     """How one request of a GenerateMany call ended, as ``grpc.aio.AioRpcError`` would tell it."""
 
@@ -54,9 +59,16 @@ class _Call:
         self.reader = asyncio.create_task(self._read())
 
     async def _requests(self):
+        out = self.out
         while True:
-            while self.out:
-                yield self.out.popleft()
+            while out:
+                msg = out.popleft()
+                if out:   # everything queued, in one message (GenerateManyRequest.more)
+                    size = msg.ByteSize()
+                    while out and size + (n := out[0].ByteSize()) <= MAX_BATCH_BYTES:
+                        msg.more.append(out.popleft())
+                        size += n
+                yield msg
             if self.half_closed:
                 return
             self.out_wake.clear()

@@ -373,28 +373,36 @@ class RouterService(pbg.InferenceServicer):
                 del sinks[stream]
             wake.set()
 
+        def take(msg: pb.GenerateManyRequest) -> None:
+            kind = msg.WhichOneof("kind")
+            if kind == "start":
+                if msg.stream in tasks:   # ALREADY_EXISTS: no request ends with it, so not this one's end
+                    fail(msg.stream, RequestError(grpc.StatusCode.ALREADY_EXISTS,
+                                                  f"stream {msg.stream} is already running"))
+                else:
+                    sink = sinks[msg.stream] = _Sink(msg.stream, emit, room)
+                    task = tasks[msg.stream] = asyncio.create_task(run(msg.stream, msg.start, sink))
+                    task.add_done_callback(lambda t, sid=msg.stream: ended(sid, t))
+            elif kind == "cancel":
+                if (t := tasks.pop(msg.stream, None)) is not None:
+                    # Nothing more of the request is sent, and its last item says so:
+                    # after it the id is free (the billing unwinds in its task).
+                    sinks.pop(msg.stream).closed = True
+                    t.cancel()
+                    unwinding.add(t)
+                    t.add_done_callback(unwinding.discard)
+                    fail(msg.stream, RequestError(grpc.StatusCode.CANCELLED, "cancelled by the caller"))
+
         async def read() -> None:
             nonlocal reading
             try:
-                async for msg in request_iterator:
-                    kind = msg.WhichOneof("kind")
-                    if kind == "start":
-                        if msg.stream in tasks:   # ALREADY_EXISTS: no request ends with it, so not this one's end
-                            fail(msg.stream, RequestError(grpc.StatusCode.ALREADY_EXISTS,
-                                                          f"stream {msg.stream} is already running"))
-                        else:
-                            sink = sinks[msg.stream] = _Sink(msg.stream, emit, room)
-                            task = tasks[msg.stream] = asyncio.create_task(run(msg.stream, msg.start, sink))
-                            task.add_done_callback(lambda t, sid=msg.stream: ended(sid, t))
-                    elif kind == "cancel":
-                        if (t := tasks.pop(msg.stream, None)) is not None:
-                            # Nothing more of the request is sent, and its last item says so:
-                            # after it the id is free (the billing unwinds in its task).
-                            sinks.pop(msg.stream).closed = True
-                            t.cancel()
-                            unwinding.add(t)
-                            t.add_done_callback(unwinding.discard)
-                            fail(msg.stream, RequestError(grpc.StatusCode.CANCELLED, "cancelled by the caller"))
+                async for first in request_iterator:
+                    if first.more and any(m.more for m in first.more):
+                        failed.append(RequestError(grpc.StatusCode.INVALID_ARGUMENT,
+                                                   "a request in GenerateManyRequest.more has a `more` of its own"))
+                        return
+                    for msg in (first, *first.more) if first.more else (first,):
+                        take(msg)
             except Exception as exc:   # not the caller half-closing: the call cannot go on
                 failed.append(exc)
             finally:
@@ -405,6 +413,8 @@ class RouterService(pbg.InferenceServicer):
         try:
             while True:
                 if failed:
+                    if isinstance(failed[0], RequestError):   # the caller's mistake
+                        await context.abort(failed[0].code, str(failed[0]))
                     log.warning("router: a GenerateMany call's requests could not be read: %s", failed[0])
                     await context.abort(grpc.StatusCode.INTERNAL, f"reading the call's requests failed: {failed[0]}")
                 if ready:

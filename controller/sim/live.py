@@ -383,11 +383,13 @@ async def _burst(router: str, n: int, max_tokens: int, concurrency: int, seed: i
 
 
 async def router_cpu(fleet: LiveFleet, requests: int, long_tokens: int = 32, concurrency: int = 32,
-                     time_scale: float = 1.0, many: bool = False) -> dict:
+                     time_scale: float = 1.0, many: bool = False, seed: int = 100) -> dict:
     """Router CPU per request and per relayed message, from two bursts (1 and
     ``long_tokens`` output tokens) after subtracting the process's idle rate. A third
     burst, like the second but in the flex tier (chunks at least 100 ms of preset time
-    apart), gives the CPU per token when tokens are merged into fewer messages."""
+    apart), gives the CPU per token when tokens are merged into fewer messages. The
+    bursts' prompts come from ``seed``: runs to compare take different seeds, or a later
+    run finds an earlier one's prompts cached (less prefill, no new blocks to index)."""
     pid = fleet.pid("router")
     c0, t0 = cpu_seconds(pid), time.perf_counter()
     await asyncio.sleep(2.0)
@@ -398,7 +400,7 @@ async def router_cpu(fleet: LiveFleet, requests: int, long_tokens: int = 32, con
     flex_ms = max(1, round(100 * time_scale))
     for k, (tokens, tier, interval) in enumerate(((1, 0, 0), (long_tokens, 0, 0), (long_tokens, cpb.TIER_FLEX, flex_ms))):
         c0, t0 = cpu_seconds(pid), time.perf_counter()
-        done, msgs = await _burst(fleet.router, requests, tokens, concurrency, seed=100 + k, tier=tier,
+        done, msgs = await _burst(fleet.router, requests, tokens, concurrency, seed=seed + k, tier=tier,
                                   stream_interval_ms=interval, many=many)
         wall = time.perf_counter() - t0
         phases.append((done, msgs, max(0.0, cpu_seconds(pid) - c0 - idle_rate * wall), wall))
@@ -497,7 +499,8 @@ def run_live_policy(policy: str, requests: list[TraceRequest], config: SimConfig
             overhead["latency"] = asyncio.run(added_latency(fleet, max(5, overhead_requests // 10)))
             overhead["cpu"] = asyncio.run(router_cpu(fleet, overhead_requests, time_scale=time_scale))
             overhead["latency_many"] = asyncio.run(added_latency(fleet, max(5, overhead_requests // 10), many=True))
-            overhead["cpu_many"] = asyncio.run(router_cpu(fleet, overhead_requests, time_scale=time_scale, many=True))
+            overhead["cpu_many"] = asyncio.run(router_cpu(fleet, overhead_requests, time_scale=time_scale, many=True,
+                                                          seed=200))
     finally:
         fleet.stop()
         # etcd preallocates ~60 MB of WAL; the logs (kept) are what a reader may want.

@@ -249,6 +249,41 @@ async def test_many_client_of_20_requests_answers_as_generate_over_one_call(clus
     assert all(g.usage.finish_reason == compb.FINISH_REASON_LENGTH for g in got.values())
 
 
+async def test_starts_and_cancels_batched_in_one_message_are_taken_in_order(cluster, inf):
+    """GenerateManyRequest.more: one message carries many starts (answered as Generate's),
+    a cancel of one of them, and a start under an id the same message already started."""
+    reqs = {sid: req(2500 + sid, max_tokens=6 + sid, n=40 + 9 * sid) for sid in range(1, 13)}
+    want = dict(zip(reqs, await asyncio.gather(*(generate(inf, r) for r in reqs.values()))))
+    many = Many(inf)
+    msgs = [ipb.GenerateManyRequest(stream=sid, start=r) for sid, r in reqs.items()]
+    msgs.append(ipb.GenerateManyRequest(stream=99, start=req(2599, max_tokens=LONG)))
+    msgs.append(ipb.GenerateManyRequest(stream=99, cancel=True))       # taken after its start
+    msgs.append(ipb.GenerateManyRequest(stream=1, start=req(2598)))    # 1 runs: refused, 1 goes on
+    first, *rest = msgs
+    first.more.extend(rest)
+    await many.call.write(first)
+    await many.finish()
+    refusal, *served = many.items[1]   # the refusal comes first: 1 had made no token when it was read
+    assert refusal.error.code == grpc.StatusCode.ALREADY_EXISTS.value[0], refusal
+    got = {sid: many.result(sid, served if sid == 1 else None) for sid in reqs}
+    assert_same(got, want, cluster.nodes)
+    cancelled = many.result(99)
+    assert cancelled.code == grpc.StatusCode.CANCELLED and not cancelled.ids
+
+
+async def test_a_more_inside_more_fails_the_call_with_invalid_argument_and_starts_none_of_it(cluster, inf):
+    many = Many(inf)
+    msg = ipb.GenerateManyRequest(stream=1, start=req(2700))
+    inner = msg.more.add(stream=2, start=req(2701))
+    inner.more.add(stream=3, start=req(2702))
+    await many.call.write(msg)
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await many.read_until(lambda: False)
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "more" in err.value.details()
+    assert not many.items, "a request of the refused message ran"
+
+
 # -- per-request errors ------------------------------------------------------------------------------
 async def test_bad_requests_fail_alone_with_generates_status(cluster, inf):
     past = req(3010)
