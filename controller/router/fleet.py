@@ -275,9 +275,16 @@ class Fleet:
             self._blocks(conn, name, lambda idx, slot, _: idx.clear(slot), None)
             conn.provisional.pop(name, None)
         for mb in update.removed:
-            self._blocks(conn, mb.model, lambda idx, slot, h: idx.remove(slot, h), mb)
+            self._blocks(conn, mb.model, lambda idx, slot, h: idx.remove(slot, h), mb.block_hashes)
         for mb in update.stored:
-            self._blocks(conn, mb.model, lambda idx, slot, h: idx.store(slot, h), mb)
+            if prov := conn.provisional.get(mb.model):
+                # Blocks learned provisionally are in the index already: their event only
+                # confirms them (no second store).
+                fresh = [h for h in mb.block_hashes if prov.pop(h, None) is None]
+                if fresh:
+                    self._blocks(conn, mb.model, lambda idx, slot, h: idx.store(slot, h), fresh)
+                continue
+            self._blocks(conn, mb.model, lambda idx, slot, h: idx.store(slot, h), mb.block_hashes)
         if conn.provisional:
             self._settle_provisional(conn, update)
         for rid in update.accepted_request_ids:
@@ -296,9 +303,10 @@ class Fleet:
             self.changed.set()
 
     def _settle_provisional(self, conn: NodeConn, update: npb.StateUpdate) -> None:
-        """Blocks the node's events now name are confirmed (stored) or gone (removed);
-        those past their time unconfirmed leave the index."""
-        for mb in (*update.stored, *update.removed):
+        """Blocks the node's events now name as gone (removed) are no longer provisional
+        (stored ones were confirmed as they were applied); those past their time
+        unconfirmed leave the index."""
+        for mb in update.removed:
             if (prov := conn.provisional.get(mb.model)) is not None:
                 for h in mb.block_hashes:
                     prov.pop(h, None)
@@ -320,7 +328,7 @@ class Fleet:
                 if slot is not None:
                     idx.remove(slot, np.array(expired, dtype=np.uint64))
 
-    def _blocks(self, conn: NodeConn, model: str, op, mb) -> None:
+    def _blocks(self, conn: NodeConn, model: str, op, block_hashes) -> None:
         entry = conn.models.get(model)
         if entry is None:
             return
@@ -328,7 +336,8 @@ class Fleet:
         slot = idx.slot_of(conn.entry.node_id) if idx is not None else None
         if slot is None:
             return
-        hashes = np.fromiter(mb.block_hashes, dtype=np.uint64, count=len(mb.block_hashes)) if mb else None
+        hashes = (np.fromiter(block_hashes, dtype=np.uint64, count=len(block_hashes))
+                  if block_hashes is not None else None)
         op(idx, slot, hashes)
 
     # -- what the router's decisions read ----------------------------------------------------------

@@ -111,8 +111,15 @@ def test_exact_nodes_hold_a_routed_prompt_provisionally_until_their_events_confi
     f.apply_update(conn, update(1, snapshot=True, stored=h[:4]))      # held, from events
     f.learn("n1", MODEL, h[:10])                                       # first token of a routed prompt
     assert matched(f, h) == 10 and list(conn.provisional[MODEL]) == [int(x) for x in h[4:10]]
-    f.apply_update(conn, update(2, stored=h[4:7]))                     # the node's events confirm three
+    idx = f.index.get(MODEL, 16)
+    stored = []
+    store = type(idx).store
+    monkeypatch.setattr(type(idx), "store", lambda self, slot, hs: (stored.append([int(x) for x in hs]), store(self, slot, hs)))
+    f.apply_update(conn, update(2, stored=[*h[4:7], *h[12:14]]))      # the node's events confirm three, add two
     assert list(conn.provisional[MODEL]) == [int(x) for x in h[7:10]]
+    assert stored == [[int(x) for x in h[12:14]]]                      # the confirmed three are not stored again
+    assert all(idx.contains(idx.slot_of("n1"), x) for x in h[12:14])
+    monkeypatch.undo()
     f.apply_update(conn, update(3))                                    # not due yet: still held
     assert matched(f, h) == 10
     # A snapshot replaces everything, provisional blocks included.
