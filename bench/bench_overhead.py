@@ -17,16 +17,17 @@ Five relays, each a real process between a real client and real upstream process
   ``GenerateMany`` call (``kvfleet/many.py``).
 
 For each: the relay's CPU (utime + stime from /proc) over bursts of ``--requests``
-requests, 32 at a time, of 1 and of 32 output messages, after its idle rate is subtracted:
+requests, ``--concurrency`` (32) at a time, of 1 and of 32 output messages, after its idle rate is subtracted:
 the difference gives CPU per message, the rest CPU per request (on a multiplexed client
 stream a message is one relayed item, a stream's chunk; many share one gRPC message); and
 the relay's added latency: time to the first message through the relay minus straight to
 the upstream, alternating, medians over ``--samples`` pairs. For kvfleet also the CPU per
 token when a 32-token request's tokens are merged into chunks at least 100 ms apart (the
 flex tier). Prints the figures and the router's ratio to each floor; ``--json OUT`` keeps
-them.
+them. With more requests in flight a node's engine step carries more tokens, so the
+per-step and per-write costs are shared by more items (``--concurrency 128``).
 
-    .venv/bin/python bench/bench_overhead.py [--nodes 2] [--time-scale 1] [--requests 1000] [--reps 2]
+    .venv/bin/python bench/bench_overhead.py [--nodes 2] [--time-scale 1] [--requests 1000] [--reps 2] [--concurrency 32]
 """
 
 from __future__ import annotations
@@ -236,10 +237,10 @@ async def _serve_relay(port: int, handler, method: str = "Gen") -> None:
 
 # ---------------------------------------------------------------------------- floor client
 
-async def _floor_burst(port: int, n: int, k: int) -> int:
+async def _floor_burst(port: int, n: int, k: int, concurrency: int = CONCURRENCY) -> int:
     async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as ch:
         call = ch.unary_stream("/floor.Relay/Gen", request_serializer=_raw, response_deserializer=_raw)
-        sem = asyncio.Semaphore(CONCURRENCY)
+        sem = asyncio.Semaphore(concurrency)
         msgs = 0
 
         async def one() -> None:
@@ -252,7 +253,7 @@ async def _floor_burst(port: int, n: int, k: int) -> int:
     return msgs
 
 
-async def _floor_burst_mux(port: int, n: int, k: int) -> int:
+async def _floor_burst_mux(port: int, n: int, k: int, concurrency: int = CONCURRENCY) -> int:
     """Like ``_floor_burst`` over one multiplexed stream: returns the items (tokens) received."""
     async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as ch:
         sent = asyncio.Queue()
@@ -265,7 +266,7 @@ async def _floor_burst_mux(port: int, n: int, k: int) -> int:
                 await sent.get()
                 yield sid.to_bytes(4, "little") + k.to_bytes(4, "little") + b"x" * 512
 
-        for _ in range(CONCURRENCY):
+        for _ in range(concurrency):
             sent.put_nowait(None)
         call = ch.stream_stream("/floor.Relay/Mux", request_serializer=_raw, response_deserializer=_raw)(reqs())
         async for batch in call:
@@ -347,7 +348,7 @@ def _per(phases: list[tuple[int, int, float]]) -> dict:
             "messages_per_request": [m1 / n1, m2 / n2]}
 
 
-def run_floor(kind: str, requests: int, reps: int, samples: int) -> dict:
+def run_floor(kind: str, requests: int, reps: int, samples: int, concurrency: int = CONCURRENCY) -> dict:
     from kvfleet.controller.sim.live import _free_port
 
     up = _free_port()
@@ -373,7 +374,7 @@ def run_floor(kind: str, requests: int, reps: int, samples: int) -> dict:
             phases = []
             for k in (1, LONG):
                 c0, t0 = cpu_seconds(pid), time.perf_counter()
-                msgs = asyncio.run(asyncio.wait_for(burst(relay, requests, k), BURST_TIMEOUT_S))
+                msgs = asyncio.run(asyncio.wait_for(burst(relay, requests, k, concurrency), BURST_TIMEOUT_S))
                 wall = time.perf_counter() - t0
                 phases.append((requests, msgs, max(0.0, cpu_seconds(pid) - c0 - idle * wall)))
             runs.append(_per(phases))
@@ -388,7 +389,8 @@ def run_floor(kind: str, requests: int, reps: int, samples: int) -> dict:
 
 # ---------------------------------------------------------------------------- the router
 
-def run_router(nodes: int, time_scale: float, requests: int, reps: int, samples: int) -> dict[str, dict]:
+def run_router(nodes: int, time_scale: float, requests: int, reps: int, samples: int,
+               concurrency: int = CONCURRENCY) -> dict[str, dict]:
     """The router's figures through Generate (one call per request) and through
     GenerateMany (one call for all), on the same fleet, alternating."""
     from kvfleet.controller.sim.live import added_latency, router_cpu, scaled_config, start_fleet
@@ -402,7 +404,7 @@ def run_router(nodes: int, time_scale: float, requests: int, reps: int, samples:
             for name, many in (("kvfleet", False), ("kvfleet-many", True)):
                 # New prompts for each run: none finds another's cached.
                 seed = 100 + 10 * (2 * rep + many)
-                out[name]["runs"].append(asyncio.run(router_cpu(fleet, requests, LONG, CONCURRENCY, time_scale=time_scale,
+                out[name]["runs"].append(asyncio.run(router_cpu(fleet, requests, LONG, concurrency, time_scale=time_scale,
                                                                 many=many, seed=seed)))
         for name, many in (("kvfleet", False), ("kvfleet-many", True)):
             out[name]["latency"] = asyncio.run(added_latency(fleet, samples, many=many))
@@ -423,19 +425,22 @@ def main() -> None:
     ap.add_argument("--requests", type=int, default=1000, help="requests per burst")
     ap.add_argument("--reps", type=int, default=2, help="burst pairs per relay (each reported)")
     ap.add_argument("--samples", type=int, default=100, help="latency pairs per relay")
+    ap.add_argument("--concurrency", type=int, default=CONCURRENCY,
+                    help="requests in flight during a burst (the items of a node's engine step, and of a write to the client, grow with it)")
     ap.add_argument("--json", type=Path, default=None, help="write the figures here")
     a = ap.parse_args()
-    if a.nodes < 1 or a.requests < 32 or a.reps < 1 or a.samples < 1 or a.time_scale <= 0:
-        ap.error("--nodes, --reps and --samples must be >= 1, --requests >= 32, --time-scale > 0")
+    if a.nodes < 1 or a.requests < 32 or a.reps < 1 or a.samples < 1 or a.time_scale <= 0 or not 1 <= a.concurrency <= a.requests:
+        ap.error("--nodes, --reps and --samples must be >= 1, --requests >= 32, --time-scale > 0, "
+                 "--concurrency between 1 and --requests")
     out = {
-        "floor-call": run_floor("call", a.requests, a.reps, a.samples),
-        "floor-mux": run_floor("mux", a.requests, a.reps, a.samples),
-        "floor-mux2": run_floor("mux2", a.requests, a.reps, a.samples),
-        **run_router(a.nodes, a.time_scale, a.requests, a.reps, a.samples),
+        "floor-call": run_floor("call", a.requests, a.reps, a.samples, a.concurrency),
+        "floor-mux": run_floor("mux", a.requests, a.reps, a.samples, a.concurrency),
+        "floor-mux2": run_floor("mux2", a.requests, a.reps, a.samples, a.concurrency),
+        **run_router(a.nodes, a.time_scale, a.requests, a.reps, a.samples, a.concurrency),
         "config": {"nodes": a.nodes, "time_scale": a.time_scale, "requests": a.requests, "reps": a.reps,
-                   "concurrency": CONCURRENCY, "long_tokens": LONG},
+                   "concurrency": a.concurrency, "long_tokens": LONG},
     }
-    print(f"{a.requests} requests per burst, {CONCURRENCY} at a time; kvfleet: {a.nodes} sim nodes at time scale {a.time_scale:g}")
+    print(f"{a.requests} requests per burst, {a.concurrency} at a time; kvfleet: {a.nodes} sim nodes at time scale {a.time_scale:g}")
     print("floor-mux2 and kvfleet-many: requests multiplexed on the client's side too (one GenerateMany call);")
     print("a message there is one relayed item (a stream's chunk), many of which share a gRPC message")
     print(f"{'relay':<13} {'CPU µs/request':>16} {'µs/message':>12} {'µs/token merged':>16} {'added TTFT p50 ms':>18}")
