@@ -215,14 +215,16 @@ class TierQueue:
             deadline = p.deadline
         w = _Waiter(now + self.config.aging(tier), next(self._seq), tier, p.model, deadline,
                     asyncio.get_running_loop().create_future())
-        ahead = sum(1 for x in heap if x < w and not x.gone)
         # Only a router that has been saturated for a while admits at the fleet's pace; a
         # burst after a quiet spell would otherwise look hopeless and be shed at once.
         saturated = now - self._saturated_since >= self._admitted.tau_s
         rate = self._admitted.at(now)
-        if saturated and rate > 0 and now + ahead / rate > deadline:
-            self._count_shed(tier, "backlog")
-            raise self._exhausted(tier, self._retry_after(tier, now, p.model), f"{ahead} requests are queued ahead of it")
+        # The requests ahead are counted (O(n)) only when the whole queue could make it late.
+        if saturated and rate > 0 and now + self._live(p.model) / rate > deadline:
+            ahead = sum(1 for x in heap if x < w and not x.gone)
+            if now + ahead / rate > deadline:
+                self._count_shed(tier, "backlog")
+                raise self._exhausted(tier, self._retry_after(tier, now, p.model), f"{ahead} requests are queued ahead of it")
         if sum(self._depth.values()) >= self.config.max_queue:
             self._evict_for(w)
         heapq.heappush(heap, w)
@@ -398,8 +400,12 @@ class TierQueue:
         now = self.clock()
         heads = sorted((heap[0].key, model) for model, heap in self._heaps.items() if heap)
         for _, model in heads:
+            checked: dict[int, frozenset[str] | None] = {}   # a check depends only on (model, tier, now)
             for w in heapq.nsmallest(8, (x for x in self._heaps[model] if not x.gone)):
-                exclude = self._check(w.model, w.tier, now)
+                if w.tier in checked:
+                    exclude = checked[w.tier]
+                else:
+                    exclude = checked[w.tier] = self._check(w.model, w.tier, now)
                 if exclude is None:
                     continue
                 if w.future.done():          # the caller went away at the same instant

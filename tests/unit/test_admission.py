@@ -264,3 +264,40 @@ def test_a_request_whose_own_deadline_passes_in_the_queue_gets_deadline_exceeded
         assert q.shed[cpb.TIER_DEFAULT] == 0 and q.depths()["default"] == 0
         await q.close()
     run(main())
+
+
+def test_a_release_checks_the_fleet_once_per_tier_not_once_per_waiter(monkeypatch):
+    """A check depends only on (model, tier, now): eight waiters of two tiers cost two checks
+    per release attempt, and the first admissible waiter in queue order still goes first."""
+    async def main():
+        clock = Clock()
+        fleet = FakeFleet([view("a", 50_000)])
+        q = TierQueue(fleet, clock=clock, poll_s=0.001)
+        order: list[int] = []
+
+        async def one(i: int, tier: int):
+            await q.enter(Req(tier))
+            order.append(i)
+
+        tasks = []
+        for i in range(8):
+            tasks.append(asyncio.create_task(one(i, cpb.TIER_FLEX if i % 2 else cpb.TIER_DEFAULT)))
+            await asyncio.sleep(0)
+        await asyncio.sleep(0.005)
+        assert q.depths()["default"] == 4 and q.depths()["flex"] == 4
+        checks: list[int] = []
+        check = TierQueue._check
+        monkeypatch.setattr(TierQueue, "_check", lambda self, model, tier, now: (checks.append(tier), check(self, model, tier, now))[1])
+        assert not q._release_one()                        # nothing fits: every waiter was looked at
+        assert sorted(checks) == [cpb.TIER_DEFAULT, cpb.TIER_FLEX]
+        fleet.set_queued([0])
+        checks.clear()
+        assert q._release_one() and checks == [cpb.TIER_DEFAULT]
+        while not order:
+            await asyncio.sleep(0.001)
+        assert order[0] == 0                               # the oldest waiter went first
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        await q.close()
+    run(main())
