@@ -140,18 +140,22 @@ class ManyClient:
         sid = next(self._ids)
         s = call.streams[sid] = _Stream()
         call.send(pb.GenerateManyRequest(stream=sid, start=request))
-        deadline = None if timeout is None else asyncio.get_running_loop().time() + timeout
+        expired = False
+
+        def expire() -> None:
+            nonlocal expired
+            expired = True
+            s.wake.set()
+
+        # One timer for the whole request (not a wait_for, and its task, per wait).
+        timer = None if timeout is None else asyncio.get_running_loop().call_later(timeout, expire)
         try:
             while True:
                 while not s.items:
+                    if expired:
+                        raise ManyError(grpc.StatusCode.DEADLINE_EXCEEDED, "deadline exceeded")
                     s.wake.clear()
-                    if deadline is None:
-                        await s.wake.wait()
-                    else:
-                        try:
-                            await asyncio.wait_for(s.wake.wait(), deadline - asyncio.get_running_loop().time())
-                        except asyncio.TimeoutError:
-                            raise ManyError(grpc.StatusCode.DEADLINE_EXCEEDED, "deadline exceeded") from None
+                    await s.wake.wait()
                 item = s.items.popleft()
                 if isinstance(item, ManyError):
                     s.done = True
@@ -161,6 +165,8 @@ class ManyClient:
                     s.done = True
                     return
         finally:
+            if timer is not None:
+                timer.cancel()
             if not s.done and call.streams.pop(sid, None) is not None and not call.closed:
                 call.send(pb.GenerateManyRequest(stream=sid, cancel=True))
 

@@ -6,10 +6,11 @@ from __future__ import annotations
 
 import asyncio
 
+import grpc
 import pytest
 
 from kvfleet import many as many_module
-from kvfleet.many import ManyClient
+from kvfleet.many import ManyClient, ManyError
 from kvfleet.v1 import inference_pb2 as pb
 
 pytestmark = pytest.mark.timeout(10)   # each runs in well under a second: a hang is a bug
@@ -84,3 +85,36 @@ async def test_a_batch_stays_under_the_byte_cap(monkeypatch):
     assert sum(1 + len(m.more) for m in call.messages) == 20
     assert any(m.more for m in call.messages)        # still batched, a few per message
     assert len(call.messages) >= 4
+
+
+class SilentCall(FakeCall):
+    """Reads the client's messages and never answers."""
+
+    async def _pump(self) -> None:
+        async for m in self.requests:
+            self.messages.append(m)
+        await self.answers.put(None)
+
+
+class SilentStub(FakeStub):
+    def GenerateMany(self, requests, metadata=None):
+        self.calls.append(call := SilentCall(requests))
+        return call
+
+
+async def test_a_request_past_its_timeout_ends_with_deadline_exceeded_and_is_cancelled_on_the_call():
+    stub = SilentStub()
+    client = ManyClient(stub)
+    t0 = asyncio.get_running_loop().time()
+    with pytest.raises(ManyError) as err:
+        async for _ in client.generate(pb.GenerateRequest(request_id="slow", text="x"), timeout=0.05):
+            pass
+    took = asyncio.get_running_loop().time() - t0
+    assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    assert 0.05 <= took < 2.0
+    await asyncio.sleep(0)   # the cancel is written on the call's next turn
+    (call,) = stub.calls
+    sent = [(e.stream, e.WhichOneof("kind")) for m in call.messages for e in (m, *m.more)]
+    assert sent == [(1, "start"), (1, "cancel")]
+    assert call.messages[0].start.HasField("deadline")   # the router gets the deadline too
+    await client.close()   # half-closes: the call ends
