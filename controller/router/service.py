@@ -589,7 +589,8 @@ class RouterService(pbg.InferenceServicer):
                 child(ATTEMPTS, cand.node_id, "ok").inc()
                 bs = ranked.block_size.get(cand.node_id)
                 if bs is not None and first[0] == "tokens":   # prefilled (an end before any token may not be)
-                    self.fleet.learn(cand.node_id, p.model, ranked.hashes[bs])
+                    # On the loop's next turn: the first token goes out without waiting for it.
+                    asyncio.get_running_loop().call_soon(self.fleet.learn, cand.node_id, p.model, ranked.hashes[bs])
                 child(TTFT, p.model).observe(time.monotonic() - t_start)
                 if relayed is not None:
                     relayed.cand, relayed.attempts = cand, attempts
