@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from collections import deque
 
 import grpc
 
@@ -41,3 +42,16 @@ async def cancel_and_wait(task: asyncio.Task | None) -> None:
         await task
     except asyncio.CancelledError:
         pass
+
+
+def take_batch(out: deque, max_bytes: int):
+    """Pops the first queued message of ``out`` and appends to its ``more`` those queued
+    behind it, in order, while the whole stays within ``max_bytes`` (a message alone may
+    be larger). Serve and GenerateMany requests batch this way: a burst is one message."""
+    msg = out.popleft()
+    if out:
+        size = msg.ByteSize()
+        while out and size + (n := out[0].ByteSize()) <= max_bytes:
+            msg.more.append(out.popleft())
+            size += n
+    return msg

@@ -24,7 +24,7 @@ from typing import AsyncIterator
 
 import grpc
 
-from kvfleet.aio import StatusError
+from kvfleet.aio import StatusError, take_batch
 from kvfleet.v1 import inference_pb2 as pb
 
 
@@ -62,13 +62,7 @@ class _Call:
         out = self.out
         while True:
             while out:
-                msg = out.popleft()
-                if out:   # everything queued, in one message (GenerateManyRequest.more)
-                    size = msg.ByteSize()
-                    while out and size + (n := out[0].ByteSize()) <= MAX_BATCH_BYTES:
-                        msg.more.append(out.popleft())
-                        size += n
-                yield msg
+                yield take_batch(out, MAX_BATCH_BYTES)   # everything queued, in one message
             if self.half_closed:
                 return
             self.out_wake.clear()

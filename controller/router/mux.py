@@ -21,7 +21,7 @@ from collections import deque
 
 import grpc
 
-from kvfleet.aio import StatusError
+from kvfleet.aio import StatusError, take_batch
 from kvfleet.v1 import node_pb2 as npb
 
 log = logging.getLogger(__name__)
@@ -201,15 +201,9 @@ class NodeMux:
         out = self._out
         while not self.closed:
             while out:
-                msg = out.popleft()
-                if self.batches and out:
-                    # Everything queued, in one message up to MAX_BATCH_BYTES (a node's
-                    # gRPC server refuses messages over 4 MB, failing the whole stream).
-                    size = msg.ByteSize()
-                    while out and size + (n := out[0].ByteSize()) <= MAX_BATCH_BYTES:
-                        msg.more.append(out.popleft())
-                        size += n
-                yield msg
+                # Everything queued, in one message up to MAX_BATCH_BYTES (a node's gRPC
+                # server refuses messages over 4 MB, failing the whole stream).
+                yield take_batch(out, MAX_BATCH_BYTES) if self.batches else out.popleft()
             if self.closed:
                 return
             self._out_wake = loop.create_future()
