@@ -166,6 +166,11 @@ class NodeAgentService(pbg.NodeAgentServicer):
             nonlocal reading
             try:
                 async for first in request_iterator:
+                    if first.more and any(m.more for m in first.more):
+                        # Refused whole, before any of it starts (as the router's GenerateMany does).
+                        failed.append(StreamFailed(grpc.StatusCode.INVALID_ARGUMENT,
+                                                   "a request in ServeRequest.more has a `more` of its own"))
+                        return
                     for msg in (first, *first.more) if first.more else (first,):
                         kind = msg.WhichOneof("kind")
                         if kind == "start":
@@ -190,6 +195,8 @@ class NodeAgentService(pbg.NodeAgentServicer):
         try:
             while True:
                 if failed:
+                    if isinstance(failed[0], StreamFailed):   # the caller's mistake
+                        await context.abort(failed[0].code, failed[0].message)
                     log.warning("node: a Serve stream's requests could not be read: %s", failed[0])
                     await context.abort(grpc.StatusCode.INTERNAL, f"reading the stream's requests failed: {failed[0]}")
                 if ready:

@@ -419,6 +419,46 @@ async def test_a_duplicate_stream_id_on_a_raw_serve_call_gets_invalid_argument(n
     assert items[8][-1].final.completion_tokens == 10
 
 
+async def test_a_serve_message_whose_more_has_a_more_of_its_own_fails_the_call_and_starts_none_of_it(node, monkeypatch):
+    seen: list[str] = []          # request ids the engines were asked to run
+    for e in node.engines.values():
+        def generate(req, run=e.generate):
+            seen.append(req.request_id)
+            return run(req)
+        monkeypatch.setattr(e, "generate", generate)
+    nested = pb.ServeRequest(stream=3, start=request("bad-1", text_prompt(3, 8), 5))
+    nested.more.append(pb.ServeRequest(stream=4, start=request("bad-nested", text_prompt(4, 8), 5)))
+    bad = pb.ServeRequest(stream=2, start=request("bad-0", text_prompt(2, 8), 5))
+    bad.more.extend([nested, pb.ServeRequest(stream=5, start=request("bad-2", text_prompt(5, 8), 5))])
+    good_ended, done = asyncio.Event(), asyncio.Event()
+
+    async def requests():
+        yield pb.ServeRequest(stream=1, start=request("good", text_prompt(1, 8), 5))
+        await good_ended.wait()           # the call works until the bad message comes
+        yield bad
+        await done.wait()                 # not half-closed: the refusal is what ends the call
+
+    items: list[pb.StreamItem] = []
+
+    async def collect():
+        async for resp in node.stub.Serve(requests(), timeout=10):
+            for it in resp.items:
+                items.append(it)
+                if it.WhichOneof("kind") == "final":
+                    good_ended.set()
+
+    try:
+        with pytest.raises(grpc.aio.AioRpcError) as ei:
+            await asyncio.wait_for(collect(), 10)
+    finally:
+        done.set()
+    assert ei.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "ServeRequest.more has a `more` of its own" in ei.value.details()
+    assert seen == ["good"]                               # no request of the bad message ran
+    assert {it.stream for it in items} == {1} and items[-1].final.completion_tokens == 5
+    await eventually(lambda: node.service.inflight == 0, what="inflight back to 0")
+
+
 # ---------------------------------------------------------------- 4. node shutting down
 
 
