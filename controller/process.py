@@ -143,7 +143,7 @@ async def _register_router(registry: Registry, cfg: RouterConfig, admission=None
 
 
 async def _serve_router(cfg: RouterConfig, registry: Registry, listen_flag: str = "--router-listen"):
-    from kvfleet.controller.router import cost, probe
+    from kvfleet.controller.router import chain, cost, probe
     from kvfleet.controller.router.admission import build_admission
     from kvfleet.controller.router.auth import build_auth
     from kvfleet.controller.router.fleet import Fleet
@@ -153,6 +153,7 @@ async def _serve_router(cfg: RouterConfig, registry: Registry, listen_flag: str 
 
     cost.warm_up()          # compiled, or loaded from Numba's cache, before the first request
     probe.warm_up()
+    chain.warm_up()
     fleet = Fleet(registry)
     fleet_task = asyncio.create_task(fleet.run(), name="fleet")
     server = grpc.aio.server(options=NO_REUSEPORT)

@@ -57,3 +57,22 @@ def test_fmix_is_a_bijection_on_samples():
 def test_invalid_block_size_is_rejected():
     with pytest.raises(ValueError, match="block_size"):
         block_hashes([1, 2, 3], 0)
+
+
+@pytest.mark.parametrize("block_size", [1, 7, 16, 128])
+def test_the_routers_compiled_hash_is_the_same_function(block_size):
+    """The router hashes prompts with a compiled loop (controller/router/chain.py); node
+    agents hash event tokens with the NumPy form. Both must give the same bits, from the
+    root and from any parent, on token ids up to 2**32 - 1."""
+    from kvfleet.controller.router.chain import block_hashes as compiled
+
+    rng = np.random.default_rng(block_size)
+    for n in (0, block_size - 1, block_size * 41 + 3):
+        tokens = rng.integers(0, 2**32, max(n, 0), dtype=np.uint64).astype(np.uint32)
+        assert compiled(tokens, block_size).tolist() == block_hashes(tokens, block_size).tolist()
+        parent = int(block_hashes(rng.integers(0, 50_000, block_size), block_size)[0])
+        assert compiled(tokens, block_size, parent).tolist() == block_hashes(tokens, block_size, parent).tolist()
+    tokens = rng.integers(0, 200_000, block_size * 5).astype(np.uint32)
+    assert compiled(tokens, block_size).tolist() == block_hashes_reference(tokens.tolist(), block_size)
+    with pytest.raises(ValueError, match="block_size"):
+        compiled(tokens, 0)
