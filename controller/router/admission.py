@@ -63,6 +63,7 @@ from prometheus_client import Counter, Gauge
 from pydantic import BaseModel, Field
 
 from kvfleet.aio import cancel_and_wait
+from kvfleet.controller.router import cost as _cost
 from kvfleet.controller.router.errors import RequestError
 from kvfleet.controller.router.metrics import child
 from kvfleet.controller.router.nodes import NodeTable
@@ -119,15 +120,17 @@ def admissible(t: NodeTable, steps_limit: float, now_s: float, headroom: float =
     """Rows of ``t`` a request may be sent to now: routable, with at most
     ``steps_limit`` steps of prefill queued (``inf``: no limit), and a sequence slot free
     beyond the ``headroom`` fraction of the engine's ``max_num_seqs`` kept for higher tiers
-    (where the node reports it)."""
-    ok = t.routable.copy()
-    if not math.isinf(steps_limit):
-        ok &= queued_steps(t, now_s) <= steps_limit
-    if headroom > 0:
-        seqs = t.max_num_seqs
-        limit = np.floor(seqs * (1.0 - headroom))
-        ok &= (seqs <= 0) | (t.running + t.waiting + 1 <= limit)
+    (where the node reports it). :func:`queued_steps` is the steps part; one compiled pass
+    (``cost.admissible_rows``) computes the same."""
+    ok = np.empty(len(t), np.bool_)
+    _admissible(t, steps_limit, now_s, headroom, ok)
     return ok
+
+
+def _admissible(t: NodeTable, steps_limit: float, now_s: float, headroom: float, ok: np.ndarray) -> tuple[int, int]:
+    return _cost.admissible_rows(t.routable, t.queued_prefill_tokens, t.work_since_s, t.prefill_tokens_per_s,
+                                 t.max_num_batched_tokens, t.running, t.waiting, t.max_num_seqs, float(now_s),
+                                 float(steps_limit), float(headroom), STEP_S, ok)
 
 
 class Rate:
@@ -287,11 +290,13 @@ class TierQueue:
     def _check(self, model: str, tier: int, now: float) -> frozenset[str] | None:
         """None if no node may take a request of ``tier`` now; else the ids to avoid."""
         t = self.fleet.columns(model)
-        if not len(t) or not t.routable.any():
-            return frozenset()   # nothing routable at all: let routing fail with UNAVAILABLE now
-        ok = admissible(t, self.config.steps(tier), now, self.config.headroom(tier))
-        if not ok.any():
-            return None
+        ok = np.empty(len(t), np.bool_)
+        n_ok, n_held = _admissible(t, self.config.steps(tier), now, self.config.headroom(tier), ok)
+        if not n_ok:
+            # Nothing routable at all: let routing fail with UNAVAILABLE now.
+            return frozenset() if not n_held else None
+        if not n_held:
+            return frozenset()
         return frozenset(t.node_ids[r] for r in np.flatnonzero(~ok & t.routable).tolist())
 
     def _admit(self, tier: int, now: float, exclude: frozenset[str]) -> frozenset[str]:

@@ -142,6 +142,33 @@ def head_rows(key, eligible, head):
     return top[:nt], rest[:nr]
 
 
+@_njit
+def admissible_rows(routable, queued, work_since_s, rate, budget, running, waiting, max_num_seqs, now_s,
+                    steps_limit, headroom, step_s, ok):
+    """``admission.admissible`` in one pass: fills ``ok`` (routable, at most ``steps_limit``
+    engine steps of prefill queued now, a sequence slot free beyond ``headroom``); returns
+    how many rows are ok and how many are routable but not."""
+    n_ok = 0
+    n_held = 0
+    limit_steps = not math.isinf(steps_limit)
+    for i in range(ok.shape[0]):
+        a = routable[i]
+        if a and limit_steps:
+            r = rate[i] if rate[i] > 0 else 1.0
+            q = queued_now_1(float(queued[i]), work_since_s[i], r, now_s)
+            per_step = float(max(budget[i] - running[i], 1)) if budget[i] > 0 else r * step_s
+            a = q / per_step <= steps_limit
+        if a and headroom > 0:
+            seqs = max_num_seqs[i]
+            a = seqs <= 0 or running[i] + waiting[i] + 1 <= math.floor(seqs * (1.0 - headroom))
+        ok[i] = a
+        if a:
+            n_ok += 1
+        elif routable[i]:
+            n_held += 1
+    return n_ok, n_held
+
+
 def warm_up() -> None:
     """Compiles (or loads from the cache) every kernel, so that the first routing
     decision does not pay for it."""
@@ -154,3 +181,4 @@ def warm_up() -> None:
     evaluate_rows(b, 2, lookup, np.ones(lookup.size, np.int32), 1, 2, i, f, i, f, f, i, 1.0, 0.0, 1.0,
                   np.empty(2, np.int64), np.empty(2, np.int64), np.empty(2))
     head_rows(f, b, 1)
+    admissible_rows(b, i, f, f, i, i, i, i, 0.0, 1.0, 0.5, 0.05, np.empty(2, np.bool_))

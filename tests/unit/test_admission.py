@@ -221,6 +221,39 @@ def test_lower_tiers_leave_sequence_slots_free_for_the_tiers_above():
     assert admissible(t, float("inf"), float("-inf"), 0.125).tolist() == [False]
 
 
+def numpy_admissible(t: NodeTable, steps_limit: float, now_s: float, headroom: float) -> np.ndarray:
+    """The vectorised form ``cost.admissible_rows`` replaced."""
+    ok = t.routable.copy()
+    if not np.isinf(steps_limit):
+        ok &= queued_steps(t, now_s) <= steps_limit
+    if headroom > 0:
+        seqs = t.max_num_seqs
+        ok &= (seqs <= 0) | (t.running + t.waiting + 1 <= np.floor(seqs * (1.0 - headroom)))
+    return ok
+
+
+def test_the_compiled_check_equals_the_numpy_form_on_random_tables():
+    rng = np.random.default_rng(7)
+    n = 500
+    views = [dataclasses.replace(
+        view(f"n{i}", int(rng.integers(0, 20_000)), running=int(rng.integers(0, 600)),
+             budget=int(rng.choice([0, 512, 2048, 8192])), routable=bool(rng.random() < 0.9)),
+        waiting=int(rng.integers(0, 4)), max_num_seqs=int(rng.choice([0, 16, 256])),
+        prefill_tokens_per_s=float(rng.choice([0.0, 5_000.0, 20_000.0])),
+        work_since_s=float(rng.choice([np.inf, 10.0, 10.3])))
+        for i in range(n)]
+    t = NodeTable.from_views(views)
+    checked = 0
+    for limit in (0.125, 0.5, 4.0, float("inf")):
+        for now in (float("-inf"), 10.2, 11.0):
+            for headroom in (0.0, 0.125, 0.5):
+                want = numpy_admissible(t, limit, now, headroom)
+                got = admissible(t, limit, now, headroom)
+                assert got.tolist() == want.tolist()
+                checked += int(want.sum()) > 0 and int((~want & t.routable).sum()) > 0
+    assert checked > 10   # the cases are mixed: some nodes pass, some routable ones are held
+
+
 def test_a_flex_request_may_ask_for_a_longer_wait_and_default_only_for_a_shorter_one():
     async def main():
         fleet = FakeFleet([view("a", 50_000)])
