@@ -44,10 +44,11 @@ Why this shape:
 * Dropping a node is one vectorised scan of ``slots``; there are no per-node lists.
 * Batches are probed in NumPy, one bucket per pending key per pass (a row gather);
   nearly every key resolves in its first bucket. Batches of at most ``SCALAR_MAX``
-  hashes (most events) take a plain-Python probe of the pair table instead, since
-  NumPy's ~1 us per call dominates there; their holder-count changes are queued and
-  applied in one vectorised pass per HOLDER_BATCH changes (or before the next ``match``),
-  so a 1-block event costs one Python probe, not two.
+  hashes (most events, and every prompt the router learns) take one compiled loop over
+  the pair table instead (``probe.py``), since NumPy's ~1 us per call dominates there;
+  their holder-count changes are queued and applied in one pass per HOLDER_BATCH
+  changes (or before the next ``match``): a compiled loop too, when the holder table
+  has room for them (``BlockHolders.apply``).
 * A rehash places entries without probing: sort by bucket, and the first 8 of each
   bucket go straight in; the few overflowing entries are inserted normally.
 
@@ -69,9 +70,7 @@ from kvfleet.controller.router.hashtable import (  # noqa: F401  (re-exported: t
     TARGET_LOAD,
     TOMBSTONE,
 )
-from kvfleet.controller.router.hashtable import FIRST_KEY as _FIRST_KEY
 from kvfleet.controller.router.hashtable import LOG_BUCKET as _LOG_BUCKET
-from kvfleet.controller.router.hashtable import MIX_K as _K
 from kvfleet.controller.router.hashtable import delete_entries as _delete_entries
 from kvfleet.controller.router.hashtable import distinct as _distinct
 from kvfleet.controller.router.hashtable import first_of_each as _first_of_each
@@ -88,8 +87,9 @@ from kvfleet.hashing import fmix_int
 MAX_SLOTS = (1 << 16) - 1
 """Node slots are stored as uint16, and so are per-block holder counts (<= MAX_SLOTS)."""
 SCALAR_MAX = 32
-"""Batches of up to this many hashes are probed in plain Python: below this, NumPy's
-per-call overhead (~40 us per batch) costs more than ~1.5 us per hash in Python."""
+"""Batches of up to this many hashes are probed one at a time, in a compiled loop
+(``probe.pairs_store`` / ``pairs_remove`` / ``pairs_holds``), larger ones in NumPy passes
+(~40 us of per-call overhead per batch, then cheap per hash)."""
 MATCH_BATCH = 1024
 """Keys the fallback depth search (``_match_search``) aims to probe per vectorised batch."""
 MATCH_LEVELS = 16
@@ -109,7 +109,6 @@ CHUNK = 1 << 16
 """Largest batch probed in one vectorised go (bounds the (n, 8) temporaries)."""
 
 _U64 = np.uint64
-_MASK64 = (1 << 64) - 1
 
 
 def _slot_salt(seed: int, slot: int) -> int:
@@ -241,10 +240,13 @@ class PrefixIndex:
         if self._used + h.size > MAX_LOAD * len(self._keys):
             self._rehash(self._live + h.size)
         if h.size <= SCALAR_MAX:
-            # The hot path of small events: plain Python, holder counts queued.
-            new, reused = self._store_scalar(slot, h.tolist())
-            if new:
-                added = len(new)
+            # The hot path of small events (and of the router learning a prompt): one
+            # compiled loop over the blocks, holder counts queued.
+            out = np.empty(h.size, _U64)
+            added, reused = _probe.pairs_store(self._keys, self._slots, _U64(self._bmask), self._salt[slot], slot,
+                                               np.ascontiguousarray(h), out)
+            if added:
+                new = out[:added].tolist()
                 self._live += added
                 self._used += added - reused
                 self._cntv[slot] += added
@@ -273,8 +275,13 @@ class PrefixIndex:
         if h.size == 0 or self._cntv[slot] == 0:
             return
         if h.size <= SCALAR_MAX:
-            gone = self._remove_scalar(slot, h.tolist())
-            self._cntv[slot] -= len(gone)
+            out = np.empty(h.size, _U64)
+            n_gone, emptied = _probe.pairs_remove(self._keys, self._slots, _U64(self._bmask), self._salt[slot], slot,
+                                                  np.ascontiguousarray(h), out)
+            self._live -= n_gone
+            self._used -= emptied
+            gone = out[:n_gone].tolist()
+            self._cntv[slot] -= n_gone
             if gone:
                 self._pend_h += gone
                 self._pend_s += [-slot - 1] * len(gone)
@@ -322,9 +329,11 @@ class PrefixIndex:
         """Whether ``slot`` holds each of ``hashes`` (bool array). O(len(hashes))."""
         slot = self._check_slot(slot)
         h = np.asarray(hashes, dtype=_U64).reshape(-1)
-        if h.size <= SCALAR_MAX:   # as store() and remove(): small batches in plain Python
-            salt = self._salt_int[slot]
-            return np.array([self._find_scalar(_mix_int(int(x), salt), slot) >= 0 for x in h.tolist()], dtype=bool)
+        if h.size <= SCALAR_MAX:   # as store(): small batches in one compiled loop
+            out = np.empty(h.size, np.bool_)
+            _probe.pairs_holds(self._keys, self._slots, _U64(self._bmask), self._salt[slot], slot,
+                               np.ascontiguousarray(h), out)
+            return out
         return self._present(h, np.full(h.size, slot, dtype=np.int64))
 
     def blocks_of(self, slot: int) -> int:
@@ -549,56 +558,6 @@ class PrefixIndex:
                 return -1
             step += 1
             b = (b + step) & bmask
-
-    def _store_scalar(self, slot: int, hashes: list[int]) -> tuple[list[int], int]:
-        """Inserts hashes one at a time; returns (the hashes added, how many of them
-        reused a tombstone)."""
-        tk, ts, bmask, salt = self._kv, self._sv, self._bmask, self._salt_int[slot]
-        new: list[int] = []
-        reused = 0
-        for h in hashes:
-            key = ((h ^ salt) * _K) & _MASK64     # _mix_int, inlined (hot path)
-            key ^= key >> 32
-            if key <= TOMBSTONE:
-                key = _FIRST_KEY
-            b, step, free = key & bmask, 0, -1
-            while True:
-                base = b << _LOG_BUCKET
-                ents = tk[base : base + BUCKET].tolist()
-                if key in ents and any(k == key and ts[base + j] == slot for j, k in enumerate(ents)):
-                    p = -1
-                    break
-                if free < 0 and TOMBSTONE in ents:
-                    free = base + ents.index(TOMBSTONE)
-                if EMPTY in ents:
-                    p = base + ents.index(EMPTY)
-                    break
-                step += 1
-                b = (b + step) & bmask
-            if p < 0:
-                continue
-            if free >= 0:
-                p = free
-                reused += 1
-            tk[p] = key
-            ts[p] = slot
-            new.append(h)
-        return new, reused
-
-    def _remove_scalar(self, slot: int, hashes: list[int]) -> list[int]:
-        """Deletes hashes one at a time (as :meth:`_delete`); returns those that were held."""
-        tk, salt = self._kv, self._salt_int[slot]
-        gone: list[int] = []
-        for h in hashes:
-            p = self._find_scalar(_mix_int(h, salt), slot)
-            if p < 0:
-                continue
-            base = p & ~(BUCKET - 1)
-            tk[p] = EMPTY if EMPTY in tk[base : base + BUCKET].tolist() else TOMBSTONE
-            self._used -= tk[p] == EMPTY
-            gone.append(h)
-        self._live -= len(gone)
-        return gone
 
     def _present(self, hashes: np.ndarray | np.uint64, slots: np.ndarray, salt: np.ndarray | None = None) -> np.ndarray:
         """Whether each ``slots[i]`` holds ``hashes[i]`` (``hashes`` may be one scalar);

@@ -13,7 +13,7 @@ from __future__ import annotations
 import numba
 import numpy as np
 
-from kvfleet.controller.router.hashtable import BUCKET, EMPTY, FIRST_KEY, LOG_BUCKET, MIX_K
+from kvfleet.controller.router.hashtable import BUCKET, EMPTY, FIRST_KEY, LOG_BUCKET, MIX_K, TOMBSTONE
 
 _U = np.uint64
 _K = _U(MIX_K)
@@ -139,6 +139,157 @@ def walk_depths(hashes, slots, count, xor, depths, bitmap_rows, bits, pair_keys,
             break
 
 
+_TOMB = _U(TOMBSTONE)
+
+
+@numba.njit(cache=True, nogil=True)
+def holders_apply(keys, count, xor, bmask, salt, hashes, slots, signs, distinct, u_out, after_out, net_out):
+    """``BlockHolders.apply`` as one loop, for a batch the table has room for (no rehash):
+    groups the changes by block (sorted by hash, unless ``distinct``), then per block
+    finds its entry, inserts it (first free entry on its probe sequence) if it gains
+    holders and is new, updates count and XOR, and deletes it (a TOMBSTONE, or EMPTY
+    where its bucket has an EMPTY entry) when no holder is left. Fills the outputs
+    (distinct blocks, count after, net change); returns (blocks, entries inserted,
+    EMPTY entries taken, entries deleted, deleted entries made EMPTY)."""
+    n = hashes.shape[0]
+    order = np.arange(n) if distinct else np.argsort(hashes, kind="mergesort")
+    nu = inserted = used = deleted = emptied = 0
+    i = 0
+    while i < n:
+        r = order[i]
+        h = hashes[r]
+        s = np.int64(signs[r])
+        x = np.uint16(slots[r])
+        j = i + 1
+        if not distinct:
+            while j < n and hashes[order[j]] == h:
+                s += np.int64(signs[order[j]])
+                x ^= np.uint16(slots[order[j]])
+                j += 1
+        key = mix1(h, salt)
+        p = find_key(keys, bmask, key)
+        if p < 0 and s > 0:
+            b = key & bmask
+            step = _U(0)
+            while p < 0:
+                base = np.int64(b) << LOG_BUCKET
+                for e in range(BUCKET):
+                    if keys[base + e] <= _TOMB:
+                        p = base + e
+                        break
+                step += _U(1)
+                b = (b + step) & bmask
+            if keys[p] == _EMPTY:
+                used += 1
+            keys[p] = key
+            count[p] = 0
+            xor[p] = 0
+            inserted += 1
+        a = np.int64(0)
+        if p >= 0:   # (absent with no gain: only a 2**-63 key alias; left alone, as apply does)
+            a = np.int64(count[p]) + s
+            count[p] = a
+            xor[p] ^= x
+            if a == 0:
+                keys[p] = _TOMB
+                base = (p >> LOG_BUCKET) << LOG_BUCKET
+                for e in range(BUCKET):
+                    if keys[base + e] == _EMPTY:
+                        keys[p] = _EMPTY
+                        emptied += 1
+                        break
+                deleted += 1
+        u_out[nu] = h
+        after_out[nu] = a
+        net_out[nu] = s
+        nu += 1
+        i = j
+    return nu, inserted, used, deleted, emptied
+
+
+@numba.njit(cache=True, nogil=True)
+def pairs_store(keys, slots, bmask, salt, slot, hashes, new_out):
+    """``PrefixIndex``'s store of a few blocks of one slot, in order, as its plain-Python
+    loop did: a (block, slot) pair already held is skipped; a new one takes the first
+    TOMBSTONE on its probe sequence before the bucket with an EMPTY entry, else that
+    EMPTY entry. Fills ``new_out`` with the blocks added; returns (how many, how many
+    of them reused a TOMBSTONE)."""
+    nn = 0
+    reused = 0
+    s16 = np.uint16(slot)
+    for i in range(hashes.shape[0]):
+        h = hashes[i]
+        key = mix1(h, salt)
+        b = key & bmask
+        step = _U(0)
+        free = -1
+        p = -1
+        held = False
+        while True:
+            base = np.int64(b) << LOG_BUCKET
+            empty = -1
+            for j in range(BUCKET):
+                k = keys[base + j]
+                if k == key and slots[base + j] == s16:
+                    held = True
+                    break
+                if free < 0 and k == _TOMB:
+                    free = base + j
+                if empty < 0 and k == _EMPTY:
+                    empty = base + j
+            if held:
+                break
+            if empty >= 0:
+                p = empty
+                break
+            step += _U(1)
+            b = (b + step) & bmask
+        if held:
+            continue
+        if free >= 0:
+            p = free
+            reused += 1
+        keys[p] = key
+        slots[p] = s16
+        new_out[nn] = h
+        nn += 1
+    return nn, reused
+
+
+@numba.njit(cache=True, nogil=True)
+def pairs_remove(keys, slots, bmask, salt, slot, hashes, gone_out):
+    """``PrefixIndex``'s remove of a few blocks of one slot, in order: a held pair's
+    entry becomes EMPTY if its bucket has an EMPTY entry, else a TOMBSTONE. Fills
+    ``gone_out`` with the blocks that were held; returns (how many, how many entries
+    became EMPTY)."""
+    ng = 0
+    emptied = 0
+    s16 = np.uint16(slot)
+    for i in range(hashes.shape[0]):
+        h = hashes[i]
+        p = find_pair(keys, slots, bmask, mix1(h, salt), s16)
+        if p < 0:
+            continue
+        base = (p >> LOG_BUCKET) << LOG_BUCKET
+        keys[p] = _TOMB
+        for j in range(BUCKET):
+            if keys[base + j] == _EMPTY:
+                keys[p] = _EMPTY
+                emptied += 1
+                break
+        gone_out[ng] = h
+        ng += 1
+    return ng, emptied
+
+
+@numba.njit(cache=True, nogil=True)
+def pairs_holds(keys, slots, bmask, salt, slot, hashes, out):
+    """``out[i]``: whether the pair table holds (``hashes[i]``, ``slot``)."""
+    s16 = np.uint16(slot)
+    for i in range(hashes.shape[0]):
+        out[i] = find_pair(keys, slots, bmask, mix1(hashes[i], salt), s16) >= 0
+
+
 def warm_up() -> None:
     """Compiles (or loads from Numba's cache) the kernels with the index's dtypes."""
     keys = np.zeros(8, _U)
@@ -149,3 +300,10 @@ def warm_up() -> None:
     drop_depths(np.ones(2, np.int64), 2)
     walk_depths(h, np.zeros(1, np.int64), np.ones(1, np.int64), xr, np.ones(1, np.int64), np.full(1, -1, np.int64),
                 np.zeros((1, 1), np.uint8), keys, c16, _U(0), np.zeros(1, _U), np.zeros(1, np.int32))
+    pairs_store(np.zeros(64, _U), np.zeros(64, np.uint16), _U(7), _U(1), 0, h, np.zeros(1, _U))
+    pairs_holds(np.zeros(64, _U), np.zeros(64, np.uint16), _U(7), _U(1), 0, h, np.zeros(1, np.bool_))
+    pairs_remove(np.zeros(64, _U), np.zeros(64, np.uint16), _U(7), _U(1), 0, h, np.zeros(1, _U))
+    for distinct in (False, True):
+        holders_apply(np.zeros(64, _U), np.zeros(64, np.uint16), np.zeros(64, np.uint16), _U(7), _U(1), h,
+                      np.zeros(1, np.int64), np.ones(1, np.int64), distinct, np.zeros(1, _U), np.zeros(1, np.int64),
+                      np.zeros(1, np.int64))

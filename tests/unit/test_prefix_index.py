@@ -500,6 +500,47 @@ def test_holder_counts_xor_and_bitmaps_equal_a_recount_after_random_ops(monkeypa
     assert len(idx._holders) == len(set().union(*ref.values())) if ref else True
 
 
+@pytest.mark.parametrize("distinct", [False, True])
+def test_the_compiled_holder_update_equals_the_vectorised_one(distinct):
+    """BlockHolders.apply takes one compiled loop when the batch fits the table and the
+    NumPy passes otherwise; both must return the same blocks, counts after and net
+    changes, and leave the same holders (duplicates in a batch, gains and losses of one
+    block in one batch, blocks dropping to no holder, tombstones reused)."""
+    from kvfleet.controller.router.holders import BlockHolders
+    rng = np.random.default_rng(11 + distinct)
+    compiled, vectorised = BlockHolders(capacity=4096), BlockHolders(capacity=4096)
+    universe = rng.integers(2, 2**64 - 1, 600, dtype=np.uint64)
+    held: dict[int, list[int]] = {}     # block -> its holders' slots (a multiset, like the index's pairs)
+    deleted = 0
+    for _ in range(400):
+        n = int(rng.choice([1, 5, 40, 300]))
+        picks = rng.choice(len(universe), n, replace=not distinct)
+        hashes, slots, signs = universe[picks], np.empty(n, np.int64), np.empty(n, np.int64)
+        for k, h in enumerate(hashes.tolist()):
+            if held.get(h) and rng.random() < 0.5:
+                slots[k], signs[k] = held[h].pop(int(rng.integers(0, len(held[h])))), -1   # a real loss
+            else:
+                slots[k], signs[k] = int(rng.integers(0, 64)), 1
+                held.setdefault(h, []).append(int(slots[k]))
+        deleted += sum(1 for h in set(hashes.tolist()) if not held.get(h))
+        assert compiled._used + n <= 0.7 * compiled.capacity      # the compiled path is the one taken
+        got = compiled.apply(hashes, slots, signs, distinct)
+        want = vectorised._apply_vectorised(hashes, slots, signs, distinct)
+        for g, w in zip(got, want):
+            assert g.tolist() == w.tolist()
+        assert len(compiled) == len(vectorised)
+    count, xor = compiled.lookup(universe)
+    v_count, v_xor = vectorised.lookup(universe)
+    assert count.tolist() == v_count.tolist() and xor.tolist() == v_xor.tolist()
+    for h, c, x in zip(universe.tolist(), count.tolist(), xor.tolist()):
+        assert c == len(held.get(h, []))
+        acc = 0
+        for s in held.get(h, []):
+            acc ^= s
+        assert x == acc
+    assert deleted > 50 and len(compiled) > 100   # blocks came and went
+
+
 def test_match_with_holes_never_claims_a_block_the_node_lacks():
     rng = np.random.default_rng(5)
     idx = PrefixIndex()
