@@ -24,6 +24,7 @@ from kvfleet.controller.router.admission import AdmissionConfig
 from kvfleet.controller.service import ControllerService
 from kvfleet.controller.tenancy import TenantStore
 from kvfleet.controller.tenancy_service import TenantsService
+from kvfleet.looplag import start_loop_lag_watch, stop_loop_lag_watch
 from kvfleet.v1 import controller_pb2_grpc as cpbg
 from kvfleet.v1 import inference_pb2_grpc as ipbg
 from kvfleet.v1 import tenancy_pb2_grpc as tpbg
@@ -207,10 +208,12 @@ async def run_router(cfg: RouterConfig, stop: asyncio.Event) -> None:
     _metrics(cfg.metrics_listen)
     server, fleet, task = await _serve_router(cfg, registry, "--listen")
     settle_gc()
+    lag_watch = start_loop_lag_watch("router")   # once ready: start-up compiles hold the loop by design
     print(json.dumps({"event": "router_ready", "listen": cfg.listen}), flush=True)
     try:
         await stop.wait()
     finally:
+        await stop_loop_lag_watch(lag_watch)
         task.cancel()
         await server.stop(2.0)
         await task.close()
@@ -260,11 +263,14 @@ async def run_controller(cfg: ControllerConfig, stop: asyncio.Event) -> None:
 
     loop_task = asyncio.create_task(reconcile(), name="reconcile")
     settle_gc()
+    # One loop for the controller and its in-process router: the role is the process's.
+    lag_watch = start_loop_lag_watch("controller")
     print(json.dumps({"event": "controller_ready", "listen": cfg.listen,
                       "router": cfg.router.listen if cfg.router else None}), flush=True)
     try:
         await stop.wait()
     finally:
+        await stop_loop_lag_watch(lag_watch)
         loop_task.cancel()
         await batch.close()  # first: no new batch calls while the routers stop
         if router is not None:

@@ -20,6 +20,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from pydantic import BaseModel, Field
 
+from kvfleet.looplag import start_loop_lag_watch, stop_loop_lag_watch
 from kvfleet.node_agent.block_tracker import BlockTracker
 from kvfleet.node_agent.engine import Engine, EngineError, LoadSnapshot
 from kvfleet.node_agent.service import NodeAgentService, load_pb, model_info_pb
@@ -253,8 +254,10 @@ class NodeAgent:
 async def serve(cfg: AgentConfig, engines: list[Engine], stop: asyncio.Event) -> None:
     """Runs an agent until ``stop`` is set. Raises JoinError / EngineError on fatal setup errors."""
     agent = NodeAgent(cfg, engines)
+    lag_watch = None
     try:
         await agent.start()
+        lag_watch = start_loop_lag_watch("node")   # once ready: an engine's start may hold the loop
         print(json.dumps({"event": "node_ready", "node_id": agent.node_id, "address": agent.address}), flush=True)
         stopper = asyncio.create_task(stop.wait())
         membership = agent._tasks[-1]
@@ -262,4 +265,5 @@ async def serve(cfg: AgentConfig, engines: list[Engine], stop: asyncio.Event) ->
         if membership in done and membership.exception():
             raise membership.exception()  # type: ignore[misc]
     finally:
+        await stop_loop_lag_watch(lag_watch)
         await agent.stop()
