@@ -238,7 +238,7 @@ class RouterService(pbg.InferenceServicer):
             tokens = tok.encode_ids(request.text)
         elif kind == "token_ids":
             ids = request.token_ids.ids
-            tokens = np.fromiter(ids, np.int64, len(ids))
+            tokens = np.array(ids, np.int64)   # (a repeated field converts in one call; fromiter iterates)
             if tokens.size and (tokens.max() >= tok.vocab_size or tokens.min() < 0):
                 bad = next(t for t in ids if not 0 <= t < tok.vocab_size)
                 raise RequestError(grpc.StatusCode.INVALID_ARGUMENT,
