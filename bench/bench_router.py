@@ -11,7 +11,9 @@ Reports, each separately, for ``--nodes`` nodes (default 1,000):
     ``NodeView`` s (the simulator's input, converted to a table per call). Two prompts:
     one that starts with a system prompt every node holds (the worst case for the
     per-node search) and one with a niche system prompt;
-(b) hashing that prompt's blocks (``kvfleet.hashing.block_hashes``), p50/p99 in us;
+(b) hashing that prompt's blocks (``kvfleet.hashing.block_hashes``, the NumPy form node
+    agents apply to event tokens, and the router's compiled form of the same function,
+    ``controller/router/chain.py``), p50/p99 in us;
 (c) index memory per cached (node, block) pair, bytes (the index's NumPy arrays: pair
     table, holder table and bitmaps), and
     for scale a dict-of-sets index (node -> set of hashes) measured on a sample;
@@ -45,6 +47,7 @@ import numpy as np
 
 from kvfleet.controller.router.index import PrefixIndex
 from kvfleet.controller.router.policy import NodeTable, NodeView, RouteRequest, get_policy
+from kvfleet.controller.router.chain import block_hashes as chain_hashes
 from kvfleet.hashing import block_hashes
 
 BLOCK_SIZE = 16
@@ -244,6 +247,10 @@ def main(argv: list[str] | None = None) -> dict:
         raise AssertionError(f"{fleet.hot_node}: {hot_best['hot_node_cached_tokens']} cached, expected {expected}")
     niche, niche_best = time_route(fleet, fleet.niche_tokens, iters)
     hashing = _timed(lambda: block_hashes(fleet.hot_tokens, BLOCK_SIZE), iters)
+    hot_u32 = np.asarray(fleet.hot_tokens, np.uint32)   # as the router keeps a prompt
+    if not np.array_equal(chain_hashes(hot_u32, BLOCK_SIZE), block_hashes(fleet.hot_tokens, BLOCK_SIZE)):
+        raise AssertionError("the router's compiled hash differs from kvfleet.hashing's")
+    hashing_router = _timed(lambda: chain_hashes(hot_u32, BLOCK_SIZE), iters)
     tokenise, tokenise_label = time_tokenisation(iters, args.tokenizer)
     memory = fleet.index.memory_bytes()
     capacity = fleet.index.capacity
@@ -262,6 +269,7 @@ def main(argv: list[str] | None = None) -> dict:
         "route_hot_best": hot_best, "hot_node": fleet.hot_node,
         "route_niche_best": niche_best,
         "hash_us": _us(hashing),
+        "hash_router_us": _us(hashing_router),
         "tokenise_us": _us(tokenise),
         "tokenise_label": tokenise_label,
         "index_bytes": memory, "index_capacity": capacity,
@@ -293,7 +301,8 @@ def _print(r: dict) -> None:
         ("      of which index.match", r["match_niche_us"], "us"),
         ("      baseline: per-node depth search", r["match_search_niche_us"], "us"),
         ("      baseline: rank from a list of NodeViews", r["route_views_niche_us"], "us"),
-        ("(b) hash 500 blocks (block_hashes)", r["hash_us"], "us"),
+        ("(b) hash 500 blocks (block_hashes, NumPy: agents)", r["hash_us"], "us"),
+        ("(b) same, compiled (chain.block_hashes: router)", r["hash_router_us"], "us"),
         ("(e) tokenise the prompt", r["tokenise_us"], "us"),
     ]
     print(f"{'figure':<48}{'p50':>12}{'p99':>12}  unit  {'CPU p50':>10}{'CPU p99':>10}")

@@ -142,8 +142,8 @@ def route_total(tok: Tokenizer, prompts: list, nodes: int, blocks_per_node: int,
     decision (reported, not in the route total)."""
     from bench_router import BLOCK_SIZE, build_fleet
 
+    from kvfleet.controller.router.chain import block_hashes   # the router's (kvfleet.hashing's, compiled)
     from kvfleet.controller.router.policy import RouteRequest, get_policy
-    from kvfleet.hashing import block_hashes
 
     fleet = build_fleet(nodes, blocks_per_node)
     policy = get_policy("kvfleet")

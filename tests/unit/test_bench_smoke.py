@@ -27,7 +27,7 @@ def positive(x) -> bool:
 def test_bench_quick_reports_positive_figures(tmp_path, capsys):
     out = tmp_path / "bench.json"
     r = load_bench().main(["--quick", "--json", str(out)])
-    for key in ("route_hot_us", "match_hot_us", "route_niche_us", "match_niche_us", "hash_us"):
+    for key in ("route_hot_us", "match_hot_us", "route_niche_us", "match_niche_us", "hash_us", "hash_router_us"):
         assert positive(r[key]["p50"]) and positive(r[key]["p99"]), key
         assert r[key]["p99"] >= r[key]["p50"], key
     assert positive(r["bytes_per_pair"]) and r["bytes_per_pair"] <= 64
