@@ -66,14 +66,6 @@ def mix_int(block_hash: int, salt: int) -> int:
     return x if x > TOMBSTONE else FIRST_KEY
 
 
-def distinct(keys: np.ndarray) -> np.ndarray:
-    """The distinct values of ``keys``, sorted (cheaper than ``np.unique`` on small arrays)."""
-    k = np.sort(keys)
-    if k.size > 1:
-        k = k[np.concatenate(([True], k[1:] != k[:-1]))]
-    return k
-
-
 def first_of_each(values: np.ndarray) -> np.ndarray:
     """Indices of the first occurrence of each distinct value in ``values``."""
     order = np.argsort(values, kind="stable")

@@ -42,13 +42,13 @@ Why this shape:
   the hash that owns it; probability 2**-63 per block.) Being a bijection, it is also
   inverted (``unmix``) to find the blocks a cleared node held.
 * Dropping a node is one vectorised scan of ``slots``; there are no per-node lists.
-* Batches are probed in NumPy, one bucket per pending key per pass (a row gather);
-  nearly every key resolves in its first bucket. Batches of at most ``SCALAR_MAX``
-  hashes (most events, and every prompt the router learns) take one compiled loop over
-  the pair table instead (``probe.py``), since NumPy's ~1 us per call dominates there;
-  their holder-count changes are queued and applied in one pass per HOLDER_BATCH
-  changes (or before the next ``match``): a compiled loop too, when the holder table
-  has room for them (``BlockHolders.apply``).
+* Stores, removes and ``holds`` probe the pair table in one compiled loop over the
+  batch (``probe.py``), one key after another; nearly every key resolves in its first
+  bucket. (NumPy passes, one bucket per pending key per pass, cost ~40 us of calls per
+  batch whatever its size: most events are a few blocks.) The holder-count changes of
+  batches of at most ``SCALAR_MAX`` blocks are queued and applied in one pass per
+  HOLDER_BATCH changes (or before the next ``match``), larger ones at once; a compiled
+  loop too, when the holder table has room for them (``BlockHolders.apply``).
 * A rehash places entries without probing: sort by bucket, and the first 8 of each
   bucket go straight in; the few overflowing entries are inserted normally.
 
@@ -72,7 +72,6 @@ from kvfleet.controller.router.hashtable import (  # noqa: F401  (re-exported: t
 )
 from kvfleet.controller.router.hashtable import LOG_BUCKET as _LOG_BUCKET
 from kvfleet.controller.router.hashtable import delete_entries as _delete_entries
-from kvfleet.controller.router.hashtable import distinct as _distinct
 from kvfleet.controller.router.hashtable import first_of_each as _first_of_each
 from kvfleet.controller.router.hashtable import mix as _mix
 from kvfleet.controller.router.hashtable import mix_int as _mix_int
@@ -87,9 +86,9 @@ from kvfleet.hashing import fmix_int
 MAX_SLOTS = (1 << 16) - 1
 """Node slots are stored as uint16, and so are per-block holder counts (<= MAX_SLOTS)."""
 SCALAR_MAX = 32
-"""Batches of up to this many hashes are probed one at a time, in a compiled loop
-(``probe.pairs_store`` / ``pairs_remove`` / ``pairs_holds``), larger ones in NumPy passes
-(~40 us of per-call overhead per batch, then cheap per hash)."""
+"""The holder-table changes of a store or remove of up to this many blocks are queued
+(and applied HOLDER_BATCH at a time, or before the next ``match``); larger ones are
+applied at once."""
 MATCH_BATCH = 1024
 """Keys the fallback depth search (``_match_search``) aims to probe per vectorised batch."""
 MATCH_LEVELS = 16
@@ -103,10 +102,8 @@ they cover (16 holders at 1,000 nodes)."""
 _STRAGGLERS = 16
 """A vectorised lookup finishes its last few keys (at most this many) in Python."""
 HOLDER_BATCH = 1024
-"""Small events queue their holder changes; this many are applied in one vectorised
-pass (~0.5 us per change instead of ~2 us for a Python probe each)."""
-CHUNK = 1 << 16
-"""Largest batch probed in one vectorised go (bounds the (n, 8) temporaries)."""
+"""Small events queue their holder changes; this many are applied in one pass of
+``BlockHolders.apply`` (one call per batch instead of one per event)."""
 
 _U64 = np.uint64
 
@@ -239,34 +236,21 @@ class PrefixIndex:
             return
         if self._used + h.size > MAX_LOAD * len(self._keys):
             self._rehash(self._live + h.size)
-        if h.size <= SCALAR_MAX:
-            # The hot path of small events (and of the router learning a prompt): one
-            # compiled loop over the blocks, holder counts queued.
-            out = np.empty(h.size, _U64)
-            added, reused = _probe.pairs_store(self._keys, self._slots, _U64(self._bmask), self._salt[slot], slot,
-                                               np.ascontiguousarray(h), out)
+        # One compiled loop over the blocks (probe.pairs_store), whatever the batch.
+        out = np.empty(h.size, _U64)
+        added, reused = _probe.pairs_store(self._keys, self._slots, _U64(self._bmask), self._salt[slot], slot,
+                                           np.ascontiguousarray(h), out)
+        self._live += added
+        self._used += added - reused
+        self._cntv[slot] += added
+        if added <= SCALAR_MAX:   # (inline: the path of most events)
             if added:
-                new = out[:added].tolist()
-                self._live += added
-                self._used += added - reused
-                self._cntv[slot] += added
-                pend = self._pend_h
-                pend += new
+                self._pend_h += out[:added].tolist()
                 self._pend_s += [slot + 1] * added
-                if len(pend) >= HOLDER_BATCH:
+                if len(self._pend_h) >= HOLDER_BATCH:
                     self._flush()
-            return
-        self._flush()
-        for i in range(0, h.size, CHUNK):
-            hd = _distinct(h[i : i + CHUNK])
-            keys = _mix(hd, self._salt[slot])
-            fresh = np.zeros(keys.size, dtype=bool)
-            added, reused = self._insert(keys, np.full(keys.size, slot, dtype=np.uint16), fresh)
-            self._live += added
-            self._used += added - reused
-            self._counts[slot] += added
-            new = hd[fresh]
-            self._apply_holders(new, np.full(new.size, slot, np.int64), np.ones(new.size, np.int64), True)
+        else:
+            self._apply_now(slot, out[:added], 1)
 
     def remove(self, slot: int, hashes: np.ndarray) -> None:
         """Records that ``slot`` evicted ``hashes``; hashes it does not hold are ignored."""
@@ -274,28 +258,26 @@ class PrefixIndex:
         h = np.asarray(hashes, dtype=_U64).reshape(-1)
         if h.size == 0 or self._cntv[slot] == 0:
             return
-        if h.size <= SCALAR_MAX:
-            out = np.empty(h.size, _U64)
-            n_gone, emptied = _probe.pairs_remove(self._keys, self._slots, _U64(self._bmask), self._salt[slot], slot,
-                                                  np.ascontiguousarray(h), out)
-            self._live -= n_gone
-            self._used -= emptied
-            gone = out[:n_gone].tolist()
-            self._cntv[slot] -= n_gone
-            if gone:
-                self._pend_h += gone
-                self._pend_s += [-slot - 1] * len(gone)
+        out = np.empty(h.size, _U64)
+        n_gone, emptied = _probe.pairs_remove(self._keys, self._slots, _U64(self._bmask), self._salt[slot], slot,
+                                              np.ascontiguousarray(h), out)
+        self._live -= n_gone
+        self._used -= emptied
+        self._cntv[slot] -= n_gone
+        if n_gone <= SCALAR_MAX:
+            if n_gone:
+                self._pend_h += out[:n_gone].tolist()
+                self._pend_s += [-slot - 1] * n_gone
                 if len(self._pend_h) >= HOLDER_BATCH:
                     self._flush()
-            return
+        else:
+            self._apply_now(slot, out[:n_gone], -1)
+
+    def _apply_now(self, slot: int, hashes: np.ndarray, sign: int) -> None:
+        """``slot`` gained (``sign`` 1) or lost (-1) the distinct blocks ``hashes``, too
+        many to queue: the holder table takes them now, after what is queued."""
         self._flush()
-        hd = _distinct(h)
-        pos = self._find(_mix(hd, self._salt[slot]), np.full(hd.size, slot, dtype=np.uint16))
-        held = pos >= 0
-        self._delete(pos[held])
-        self._counts[slot] -= int(np.count_nonzero(held))
-        gone = hd[held]
-        self._apply_holders(gone, np.full(gone.size, slot, np.int64), -np.ones(gone.size, np.int64), True)
+        self._apply_holders(hashes, np.full(hashes.size, slot, np.int64), np.full(hashes.size, sign, np.int64), True)
 
     def clear(self, slot: int) -> None:
         """Drops every block of ``slot`` (``AllBlocksCleared``, resync, node loss).
@@ -329,12 +311,10 @@ class PrefixIndex:
         """Whether ``slot`` holds each of ``hashes`` (bool array). O(len(hashes))."""
         slot = self._check_slot(slot)
         h = np.asarray(hashes, dtype=_U64).reshape(-1)
-        if h.size <= SCALAR_MAX:   # as store(): small batches in one compiled loop
-            out = np.empty(h.size, np.bool_)
-            _probe.pairs_holds(self._keys, self._slots, _U64(self._bmask), self._salt[slot], slot,
-                               np.ascontiguousarray(h), out)
-            return out
-        return self._present(h, np.full(h.size, slot, dtype=np.int64))
+        out = np.empty(h.size, np.bool_)
+        _probe.pairs_holds(self._keys, self._slots, _U64(self._bmask), self._salt[slot], slot,
+                           np.ascontiguousarray(h), out)
+        return out
 
     def blocks_of(self, slot: int) -> int:
         """Number of blocks ``slot`` holds. O(1)."""
