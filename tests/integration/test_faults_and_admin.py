@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import signal
 import threading
 import time
@@ -90,6 +91,14 @@ def test_hung_node_costs_a_request_at_most_the_first_token_timeout(fleet):
         target.popen.send_signal(signal.SIGCONT)
     # Once it speaks again it is routable again.
     wait_for(lambda: any(c.node_id == node and c.eligible for c in fleet.explain("y").candidates), 10)
+    # And its log says it stalled without using the CPU meanwhile (kvfleet/looplag.py): a
+    # process that was stopped, not one busy in its own code.
+    wait_for(lambda: "event loop stalled" in target.output(), 5, what="the node's stall warning")
+    m = re.search(r"node: event loop stalled ([\d.]+) s \(wall ([\d.]+) s, process CPU ([\d.]+) s",
+                  target.output())
+    assert m, target.output()[-2000:]
+    lag, wall, cpu = map(float, m.groups())
+    assert lag >= 1.0 and cpu < wall / 4, m.group(0)
     proc.stop()
 
 
