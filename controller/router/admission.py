@@ -172,9 +172,9 @@ class TierQueue:
     One heap per model; one dispatcher task serves them in key order: it re-checks the
     heads whenever a request ends or enters, and every ``poll_s`` while anything waits
     (node state arrives once per engine step), and after each release waits until the
-    router has counted that request on its node (``sent``). ``enter`` is O(n) in the
-    model's queue (it counts the requests ahead, for shedding); a check is a few NumPy
-    passes over the model's node table.
+    router has counted that request on its node (``sent``). ``enter`` counts the
+    requests ahead (O(n) in the model's queue, for shedding) only when the whole queue
+    could make it late; a check is one compiled pass over the model's node table.
     """
 
     def __init__(self, fleet, config: AdmissionConfig | None = None, *,

@@ -142,6 +142,19 @@ def walk_depths(hashes, slots, count, xor, depths, bitmap_rows, bits, pair_keys,
 _TOMB = _U(TOMBSTONE)
 
 
+@numba.njit(cache=True, nogil=True, inline="always")
+def delete_entry(keys, p):
+    """``hashtable.delete_entries`` of one entry: a TOMBSTONE, or EMPTY where its bucket
+    already has an EMPTY entry; returns 1 if it became EMPTY, else 0."""
+    keys[p] = _TOMB
+    base = (p >> LOG_BUCKET) << LOG_BUCKET
+    for j in range(BUCKET):
+        if keys[base + j] == _EMPTY:
+            keys[p] = _EMPTY
+            return 1
+    return 0
+
+
 @numba.njit(cache=True, nogil=True)
 def holders_apply(keys, count, xor, bmask, salt, hashes, slots, signs, distinct, u_out, after_out, net_out):
     """``BlockHolders.apply`` as one loop, for a batch the table has room for (no rehash):
@@ -191,13 +204,7 @@ def holders_apply(keys, count, xor, bmask, salt, hashes, slots, signs, distinct,
             count[p] = a
             xor[p] ^= x
             if a == 0:
-                keys[p] = _TOMB
-                base = (p >> LOG_BUCKET) << LOG_BUCKET
-                for e in range(BUCKET):
-                    if keys[base + e] == _EMPTY:
-                        keys[p] = _EMPTY
-                        emptied += 1
-                        break
+                emptied += delete_entry(keys, p)
                 deleted += 1
         u_out[nu] = h
         after_out[nu] = a
@@ -209,10 +216,9 @@ def holders_apply(keys, count, xor, bmask, salt, hashes, slots, signs, distinct,
 
 @numba.njit(cache=True, nogil=True)
 def pairs_store(keys, slots, bmask, salt, slot, hashes, new_out):
-    """``PrefixIndex``'s store of a few blocks of one slot, in order, as its plain-Python
-    loop did: a (block, slot) pair already held is skipped; a new one takes the first
-    TOMBSTONE on its probe sequence before the bucket with an EMPTY entry, else that
-    EMPTY entry. Fills ``new_out`` with the blocks added; returns (how many, how many
+    """``PrefixIndex.store`` of blocks of one slot, in order: a (block, slot) pair already
+    held is skipped; a new one takes the first TOMBSTONE on its probe sequence before the
+    bucket with an EMPTY entry, else that EMPTY entry. Fills ``new_out`` with the blocks added; returns (how many, how many
     of them reused a TOMBSTONE)."""
     nn = 0
     reused = 0
@@ -258,10 +264,9 @@ def pairs_store(keys, slots, bmask, salt, slot, hashes, new_out):
 
 @numba.njit(cache=True, nogil=True)
 def pairs_remove(keys, slots, bmask, salt, slot, hashes, gone_out):
-    """``PrefixIndex``'s remove of a few blocks of one slot, in order: a held pair's
-    entry becomes EMPTY if its bucket has an EMPTY entry, else a TOMBSTONE. Fills
-    ``gone_out`` with the blocks that were held; returns (how many, how many entries
-    became EMPTY)."""
+    """``PrefixIndex.remove`` of blocks of one slot, in order: a held pair's entry is
+    deleted (:func:`delete_entry`). Fills ``gone_out`` with the blocks that were held;
+    returns (how many, how many entries became EMPTY)."""
     ng = 0
     emptied = 0
     s16 = np.uint16(slot)
@@ -270,13 +275,7 @@ def pairs_remove(keys, slots, bmask, salt, slot, hashes, gone_out):
         p = find_pair(keys, slots, bmask, mix1(h, salt), s16)
         if p < 0:
             continue
-        base = (p >> LOG_BUCKET) << LOG_BUCKET
-        keys[p] = _TOMB
-        for j in range(BUCKET):
-            if keys[base + j] == _EMPTY:
-                keys[p] = _EMPTY
-                emptied += 1
-                break
+        emptied += delete_entry(keys, p)
         gone_out[ng] = h
         ng += 1
     return ng, emptied
