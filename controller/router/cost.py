@@ -112,6 +112,42 @@ def evaluate_rows(eligible, n_eligible, lookup, matched, block_size, prompt_toke
 
 
 @_njit
+def replica_credit_rows(eligible, cached, prompt_tokens, queued, work_since_s, running, rate, decode_step_s,
+                        max_num_batched_tokens, now_s, shared_rate, horizon_s, credit):
+    """Fills ``credit`` (s): what recomputing the prompt's deepest cached prefix on each
+    eligible node that lacks it saves the requests that share that prefix
+    (``policy.evaluate`` documents the term); 0 on the prefix's holders and on
+    ineligible rows. ``cached`` is in tokens; the holders are the eligible rows with the
+    most. Returns the number of holders (0: no eligible row)."""
+    n = eligible.shape[0]
+    top = -1
+    for i in range(n):
+        if eligible[i] and cached[i] > top:
+            top = cached[i]
+    holders = 0
+    best = np.inf
+    u = float(prompt_tokens - top)
+    for i in range(n):
+        credit[i] = 0.0
+        if eligible[i] and cached[i] == top:
+            holders += 1
+            q = queued_now_1(queued[i], work_since_s[i], rate[i], now_s)
+            t = ttft_cost(q, u, running[i], rate[i], decode_step_s[i], max_num_batched_tokens[i], 0.0, 1.0)
+            if t < best:
+                best = t
+    if holders == 0:
+        return 0
+    scale = shared_rate * horizon_s / (holders + 1)
+    for i in range(n):
+        if eligible[i] and cached[i] != top:
+            q = queued_now_1(queued[i], work_since_s[i], rate[i], now_s)
+            t = ttft_cost(q, u, running[i], rate[i], decode_step_s[i], max_num_batched_tokens[i], 0.0, 1.0)
+            if best > t:
+                credit[i] = scale * (best - t)
+    return holders
+
+
+@_njit
 def head_rows(key, eligible, head):
     """The eligible rows whose ``key`` is at most the ``head``-th smallest eligible key
     (ties at the boundary included), ascending by row; and the other eligible rows. At
@@ -180,5 +216,6 @@ def warm_up() -> None:
     lookup, _ = eligible_rows(b, i, f, i, i, 1, 1, np.empty(2, np.bool_))
     evaluate_rows(b, 2, lookup, np.ones(lookup.size, np.int32), 1, 2, i, f, i, f, f, i, 1.0, 0.0, 1.0,
                   np.empty(2, np.int64), np.empty(2, np.int64), np.empty(2))
+    replica_credit_rows(b, i, 2, i, f, i, f, f, i, 0.0, 1.0, 5.0, np.empty(2))
     head_rows(f, b, 1)
     admissible_rows(b, i, f, f, i, i, i, i, 0.0, 1.0, 0.5, 0.05, np.empty(2, np.bool_))

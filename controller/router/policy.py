@@ -140,6 +140,7 @@ class Candidate:
     cost_s: float                 # estimated time to first token, seconds (inf if ineligible)
     eligible: bool
     reason: str                   # why not eligible; "" if eligible
+    credit_s: float = 0.0         # replica credit (s) ``kvfleet`` subtracts from cost_s to rank (evaluate)
 
 
 Nodes = NodeTable | Sequence[NodeView]
@@ -241,11 +242,12 @@ class Evaluation:
     (the fleet's, as state updates arrive) does not change a ranking already made."""
 
     __slots__ = ("node_ids", "id_rank", "eligible", "n_eligible", "cached", "uncached", "queued", "running",
-                 "cached_blocks", "cost_s", "prefix_key", "_why", "_block_size", "_need_blocks", "_reasons")
+                 "cached_blocks", "cost_s", "prefix_key", "credit_s", "_why", "_block_size", "_need_blocks",
+                 "_reasons")
 
     def __init__(self, nodes: NodeTable, eligible: np.ndarray, ineligible: np.ndarray, cached: np.ndarray,
                  uncached: np.ndarray, cost_s: np.ndarray, block_size: int, need_blocks: int,
-                 prefix_key: int = 0) -> None:
+                 prefix_key: int = 0, credit_s: np.ndarray | None = None) -> None:
         self.node_ids = nodes.node_ids                  # by row (a table replaces, never edits, it)
         self.id_rank = nodes.id_rank                    # rank of each row's node id (ditto)
         self.queued = nodes.queued_prefill_tokens.copy()  # int64, queued prefill tokens
@@ -257,6 +259,7 @@ class Evaluation:
         self.uncached = uncached          # int64, prompt tokens to prefill
         self.cost_s = cost_s              # float64, estimated TTFT (inf where ineligible)
         self.prefix_key = prefix_key      # hash of the prompt's deepest block an eligible node holds (0: none)
+        self.credit_s = credit_s          # float64, replica credit (s) of the nodes lacking that block; None: none
         rows = ineligible                 # what the reasons need, for the ineligible rows only
         self._why = (rows, nodes.routable[rows], nodes.block_size[rows], nodes.prefill_tokens_per_s[rows],
                      nodes.num_blocks[rows])
@@ -285,6 +288,13 @@ def evaluate(request: RouteRequest, nodes: Nodes, index: PrefixIndex) -> Evaluat
     would go to a node that recomputes the prefix for the hit, so its recomputation does
     not delay them (docs/routing.md, "Bursts on one prefix").
 
+    Where that rate ``r`` is above 0, the nodes lacking the block also get a credit
+    (``credit_s``; :func:`.cost.replica_credit_rows`): recomputing the prefix there makes one
+    more holder of it for the ``r * tau`` requests expected to share it over the rate's
+    horizon, ``1 / (holders + 1)`` of which would go there and each save what that node is
+    faster than the best holder (docs/routing.md, "A popular prefix on one node").
+    ``cost_s`` does not include it; ``kvfleet`` ranks by ``cost_s - credit_s``.
+
     Two compiled passes over the table's columns (:mod:`.cost`) around one
     ``index.match`` over the eligible nodes' slots; no per-node Python.
     """
@@ -295,7 +305,7 @@ def evaluate(request: RouteRequest, nodes: Nodes, index: PrefixIndex) -> Evaluat
     eligible = np.empty(n, np.bool_)
     lookup, ineligible = _cost.eligible_rows(t.routable, t.block_size, t.prefill_tokens_per_s, t.num_blocks, t.slot,
                                              bs, need_blocks, eligible)
-    arrival_rate, prefix_key = request.arrival_rate, 0
+    arrival_rate, prefix_key, shared_rate = request.arrival_rate, 0, 0.0
     if lookup.size and len(request.block_hashes):
         matched = np.asarray(index.match(request.block_hashes, t.slot[lookup]), np.int32)
         deepest = int(matched.max())
@@ -306,7 +316,8 @@ def evaluate(request: RouteRequest, nodes: Nodes, index: PrefixIndex) -> Evaluat
             # every miss, and spills once waiting costs more than recomputing.
             prefix_key = int(request.block_hashes[deepest - 1])
             if request.shared_rates is not None:
-                arrival_rate = max(arrival_rate - request.shared_rates.peek(prefix_key, request.now_s), 0.0)
+                shared_rate = request.shared_rates.peek(prefix_key, request.now_s)
+                arrival_rate = max(arrival_rate - shared_rate, 0.0)
     else:
         matched, lookup = _NO_MATCH, _NO_ROWS
     cached, uncached, cost = np.empty(n, np.int64), np.empty(n, np.int64), np.empty(n)
@@ -314,7 +325,16 @@ def evaluate(request: RouteRequest, nodes: Nodes, index: PrefixIndex) -> Evaluat
                         t.work_since_s, t.running, t.prefill_tokens_per_s, t.decode_step_s,
                         t.max_num_batched_tokens, float(arrival_rate), float(request.now_s),
                         float(request.latency_weight), cached, uncached, cost)
-    return Evaluation(t, eligible, ineligible, cached, uncached, cost, bs, need_blocks, prefix_key)
+    credit = None
+    if shared_rate > 0:
+        # A node that recomputes the shared prefix becomes one more holder of it for the
+        # requests that share it (see replica_credit_rows and docs/routing.md).
+        credit = np.empty(n)
+        _cost.replica_credit_rows(eligible, cached, prompt, t.queued_prefill_tokens, t.work_since_s, t.running,
+                                  t.prefill_tokens_per_s, t.decode_step_s, t.max_num_batched_tokens,
+                                  float(request.now_s), float(shared_rate), float(request.shared_rates.tau_s),
+                                  credit)
+    return Evaluation(t, eligible, ineligible, cached, uncached, cost, bs, need_blocks, prefix_key, credit)
 
 
 _NO_MATCH = np.zeros(0, np.int32)
@@ -370,7 +390,8 @@ class Ranking(Sequence[Candidate]):
             ok = bool(ev.eligible[row])
             c = self._built[row] = Candidate(
                 ev.node_ids[row], int(ev.cached[row]), int(ev.uncached[row]), int(ev.queued[row]),
-                float(ev.cost_s[row]), ok, "" if ok else ev.reasons[row])
+                float(ev.cost_s[row]), ok, "" if ok else ev.reasons[row],
+                0.0 if ev.credit_s is None else float(ev.credit_s[row]))
         return c
 
     def __len__(self) -> int:
@@ -476,13 +497,18 @@ class EstimatedTTFT:
     cached node's queue grows until it costs more than recomputing the prefix elsewhere,
     and the next request goes elsewhere; no threshold decides that.
 
+    A prefix that many requests share also earns a node that lacks it the time a second
+    copy there would save them (:func:`evaluate`'s replica credit), so a popular prefix
+    does not keep one node as its only holder while that node's batch grows.
+
     Ties (e.g. an idle fleet and prompts nobody holds) go to the node with fewer cached
     blocks, i.e. more free cache, so distinct prefixes spread; then to the lower node id.
     """
 
     def rank(self, request: RouteRequest, nodes: Nodes, index: PrefixIndex) -> Ranking:
         ev = evaluate(request, nodes, index)
-        return ranked(ev, ev.cost_s, ev.cached_blocks)
+        key = ev.cost_s if ev.credit_s is None else ev.cost_s - ev.credit_s
+        return ranked(ev, key, ev.cached_blocks)
 
 
 @register("least_loaded")

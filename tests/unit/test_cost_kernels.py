@@ -116,6 +116,41 @@ def test_evaluate_rows_equals_the_numpy_evaluation(seed):
     assert np.array_equal(got, want)
 
 
+@pytest.mark.parametrize("seed", range(6))
+@pytest.mark.parametrize("shared_rate", [0.5, 40.0])
+def test_replica_credit_equals_its_numpy_definition(seed, shared_rate):
+    """Every eligible node lacking the deepest cached prefix is credited what the requests
+    sharing that prefix (shared_rate * horizon of them, split over one more holder) would
+    save on it against the best holder, at the holders' uncached length; 0 elsewhere."""
+    rng = np.random.default_rng(100 + seed)
+    c = columns(seed)
+    eligible = rng.random(N) > 0.1
+    cached = rng.choice([0, 0, 16, 1024, 2048], N, p=[0.5, 0.2, 0.15, 0.1, 0.05]).astype(np.int64)
+    prompt, now, horizon = 2_100, 0.01, 5.0
+    got = np.full(N, np.nan)
+    holders = cost.replica_credit_rows(eligible, cached, prompt, c["queued"], c["work_since_s"], c["running"],
+                                       c["rate"], c["decode_step_s"], c["max_batched"], now, shared_rate, horizon, got)
+    top = cached[eligible].max()
+    is_holder = eligible & (cached == top)
+    ttft = numpy_ttft_cost(numpy_queued_now(c["queued"], c["work_since_s"], c["rate"], now), float(prompt - top),
+                           c["running"], c["rate"], c["decode_step_s"], c["max_batched"], 0.0, 1.0)
+    best = ttft[is_holder].min()
+    want = np.where(eligible & ~is_holder, shared_rate * horizon / (is_holder.sum() + 1) * np.maximum(best - ttft, 0.0),
+                    0.0)
+    assert holders == is_holder.sum() > 0
+    assert np.allclose(got, want, rtol=1e-12, atol=0.0)
+    assert (got[is_holder] == 0).all() and (got[~eligible] == 0).all() and (got > 0).any()
+
+
+def test_replica_credit_is_zero_without_an_eligible_node():
+    credit = np.full(3, np.nan)
+    z = np.zeros(3)
+    i = np.zeros(3, np.int64)
+    assert cost.replica_credit_rows(np.zeros(3, np.bool_), i, 100, i, z, i, np.ones(3), z, i, 0.0, 9.0, 5.0,
+                                    credit) == 0
+    assert (credit == 0).all()
+
+
 @pytest.mark.parametrize("seed", range(8))
 @pytest.mark.parametrize("head", [1, 3, 8])
 def test_head_rows_are_the_best_eligible_keys_with_ties_at_the_boundary(seed, head):

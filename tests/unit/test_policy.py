@@ -514,12 +514,75 @@ def burst_until_first_spill(rate: float, shared: bool, limit: int = 3000) -> int
 
 
 @pytest.mark.parametrize("rate", [0.0, 10.0, 100.0, 1000.0])
-def test_a_burst_on_one_prefix_spills_when_waiting_costs_more_than_recomputing_at_any_traffic(rate):
-    # Recomputing elsewhere wins on TTFT alone after 64 requests (the test above). The
+def test_a_burst_on_one_prefix_gets_a_second_holder_early_at_any_traffic(rate):
+    # On TTFT alone, recomputing elsewhere wins after 64 requests (the test above). The
     # burst's earlier arrivals share the prefix, so they do not count as traffic a
-    # recomputation would delay (only the request itself does, 1 / tau = 0.2 /s), and the
-    # holder spills there, 64 to 69 requests, at any arrival rate (without: 276 at 10 /s).
-    assert 64 <= burst_until_first_spill(rate, shared=True) <= 70
+    # recomputation would delay. They do count as the prefix's own rate r: about k of them
+    # in the last tau after k requests, the same number expected in the next tau. A second
+    # holder would take half of those, each saving the holder's queue, 16 k tokens: a
+    # credit of about k * 16 k / 2 tokens' time against the 1,024 recomputed, which wins
+    # from k = 11. Without the credit: 64 to 69 requests at any rate; without the prefix
+    # rates at all, 276 at 10 /s.
+    assert 10 <= burst_until_first_spill(rate, shared=True) <= 13
+
+
+def burst_without_credit(rate: float) -> int:
+    from kvfleet.controller.router import policy as pol
+    plain = pol.EstimatedTTFT.rank
+
+    def rank(self, request, nodes, index):
+        ev = pol.evaluate(request, nodes, index)
+        return pol.ranked(ev, ev.cost_s, ev.cached_blocks)
+
+    pol.EstimatedTTFT.rank = rank
+    try:
+        return burst_until_first_spill(rate, shared=True)
+    finally:
+        pol.EstimatedTTFT.rank = plain
+
+
+@pytest.mark.parametrize("rate", [0.0, 100.0])
+def test_without_the_replica_credit_a_burst_spills_only_when_waiting_costs_more_than_recomputing(rate):
+    assert 64 <= burst_without_credit(rate) <= 70
+
+
+def popular_prefix_pick(shared_rate: float | None) -> str:
+    """A prefix that many requests share is held by one node, ``a``, whose decode batch is
+    large (80 sequences, 12.3 ms steps); ``b`` runs 13 (8.7 ms steps). Both have empty
+    queues. A request of 1,113 tokens, 1,024 of them that prefix: on ``a`` its TTFT is
+    about 89 / rate + 1.5 steps = 21.7 ms; on ``b`` it recomputes the prefix, 53.2 ms,
+    and delays b's other arrivals (4 /s over the two nodes) by 4.3 ms more."""
+    idx = PrefixIndex()
+    rate = 27_722.0
+    a, b = fleet(idx, ["a", "b"], prefill_tokens_per_s=rate, max_num_batched_tokens=8192)
+    a = dataclasses.replace(a, running=80, decode_step_s=0.0123, cached_blocks=64)
+    b = dataclasses.replace(b, running=13, decode_step_s=0.0087)
+    h = chain(9, 69)
+    idx.store(a.slot, h[:64])
+    prefixes = None
+    if shared_rate is not None:
+        prefixes = PrefixRates(tau_s=5.0)
+        for k in range(int(shared_rate * 5.0 * 20)):     # a steady rate, 20 tau long
+            prefixes.arrive(int(h[63]), k / shared_rate)
+    now = 100.0
+    req = RouteRequest(h, 1113, BS, 256, arrival_rate=4.0 + (shared_rate or 0.0), now_s=now, shared_rates=prefixes)
+    ranking = get_policy("kvfleet").rank(req, [a, b], idx)
+    by_id = {c.node_id: c for c in ranking}
+    assert by_id["a"].credit_s == 0.0                      # the holder
+    assert (by_id["b"].credit_s > 0) == (shared_rate is not None)
+    assert by_id["a"].cost_s < by_id["b"].cost_s           # the estimate itself still favours the holder
+    return ranking[0].node_id
+
+
+def test_a_popular_prefix_on_one_busy_node_gets_a_second_holder():
+    # Each request alone is better off on the holder (21.8 ms against 57.5), and
+    # without the prefix's rate every one of them goes there, growing its batch. With r
+    # requests/s sharing the prefix, a second holder would serve half of the next r * tau
+    # of them, 1.5 steps faster each (5.4 ms): worth the 35.7 ms a recomputation costs from
+    # about r = 2.65 /s (the rates measured here are 0.9 and 3.9 /s).
+    assert popular_prefix_pick(None) == "a"
+    assert popular_prefix_pick(1.0) == "a"
+    assert popular_prefix_pick(4.0) == "b"
 
 
 def test_without_prefix_rates_a_heavy_burst_piles_onto_the_holder():
