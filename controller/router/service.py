@@ -303,7 +303,7 @@ class RouterService(pbg.InferenceServicer):
             decide_s += time.perf_counter() - t1
             hash_s += t1 - t0
         if len(sizes) > 1:  # several block sizes: merge the groups by cost (one group keeps its policy's order)
-            out.sort(key=lambda c: (not c.eligible, c.cost_s))  # type: ignore[attr-defined]
+            out.sort(key=lambda c: (not c.eligible, c.cost_s - c.credit_s))  # type: ignore[attr-defined]
         child(DECIDE, p.model).observe(hash_s + decide_s + p.tokenize_us / 1e6)
         block_size = dict(zip(table.node_ids, table.block_size.tolist()))
         return Ranked(out, block_size, all_hashes, hash_s * 1e6, decide_s * 1e6, prefix_keys)  # type: ignore[arg-type]
@@ -717,7 +717,7 @@ class RouterService(pbg.InferenceServicer):
                     predicted_cached_tokens=c.cached_tokens, queued_prefill_tokens=c.queued_prefill_tokens,
                     running=self.fleet.nodes[c.node_id].running if c.node_id in self.fleet.nodes else 0,
                     kv_usage=self.fleet.nodes[c.node_id].kv_usage if c.node_id in self.fleet.nodes else 0.0,
-                    estimated_ttft_s=c.cost_s, eligible=c.eligible, reason=c.reason,
+                    estimated_ttft_s=c.cost_s, eligible=c.eligible, reason=c.reason, replica_credit_s=c.credit_s,
                 )
                 for c in ranked.candidates
             ],

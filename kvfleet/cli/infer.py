@@ -168,7 +168,8 @@ def route_explain(
         "candidates": [
             {"node_id": c.node_id, "address": c.address, "predicted_cached_tokens": c.predicted_cached_tokens,
              "queued_prefill_tokens": c.queued_prefill_tokens, "running": c.running, "kv_usage": round(c.kv_usage, 4),
-             "estimated_ttft_s": c.estimated_ttft_s, "eligible": c.eligible, "reason": c.reason}
+             "estimated_ttft_s": c.estimated_ttft_s, "replica_credit_s": c.replica_credit_s, "eligible": c.eligible,
+             "reason": c.reason}
             for c in r.candidates
         ],
     }
@@ -176,12 +177,13 @@ def route_explain(
         print_json(d)
         return
     t = Table(title=f"{r.model}: {r.prompt_tokens} prompt tokens, block {r.block_size} → picked {r.picked_node_id or 'none'}")
-    for col in ("node", "cached tok", "queued tok", "running", "kv use", "est. TTFT", "eligible"):
+    for col in ("node", "cached tok", "queued tok", "running", "kv use", "est. TTFT", "replica credit", "eligible"):
         t.add_column(col)
     for c in d["candidates"]:
         mark = "→ " if c["node_id"] == r.picked_node_id else ""
         t.add_row(mark + c["node_id"], str(c["predicted_cached_tokens"]), str(c["queued_prefill_tokens"]),
                   str(c["running"]), f"{c['kv_usage']:.0%}", f"{1000 * c['estimated_ttft_s']:.2f} ms",
+                  f"{1000 * c['replica_credit_s']:.2f} ms" if c["replica_credit_s"] else "-",
                   "yes" if c["eligible"] else f"no ({c['reason']})")
     console.print(t)
     console.print(f"[dim]tokenize {r.tokenize_us:.0f} µs · hash {r.hash_us:.0f} µs · decide {r.decide_us:.0f} µs[/dim]")

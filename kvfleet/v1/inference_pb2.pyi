@@ -113,7 +113,7 @@ class GenerateManyResponse(_message.Message):
     def __init__(self, items: _Optional[_Iterable[_Union[GenerateManyItem, _Mapping]]] = ...) -> None: ...
 
 class CandidateScore(_message.Message):
-    __slots__ = ("node_id", "address", "predicted_cached_tokens", "queued_prefill_tokens", "running", "kv_usage", "estimated_ttft_s", "eligible", "reason")
+    __slots__ = ("node_id", "address", "predicted_cached_tokens", "queued_prefill_tokens", "running", "kv_usage", "estimated_ttft_s", "eligible", "reason", "replica_credit_s")
     NODE_ID_FIELD_NUMBER: _ClassVar[int]
     ADDRESS_FIELD_NUMBER: _ClassVar[int]
     PREDICTED_CACHED_TOKENS_FIELD_NUMBER: _ClassVar[int]
@@ -123,6 +123,7 @@ class CandidateScore(_message.Message):
     ESTIMATED_TTFT_S_FIELD_NUMBER: _ClassVar[int]
     ELIGIBLE_FIELD_NUMBER: _ClassVar[int]
     REASON_FIELD_NUMBER: _ClassVar[int]
+    REPLICA_CREDIT_S_FIELD_NUMBER: _ClassVar[int]
     node_id: str
     address: str
     predicted_cached_tokens: int
@@ -132,7 +133,8 @@ class CandidateScore(_message.Message):
     estimated_ttft_s: float
     eligible: bool
     reason: str
-    def __init__(self, node_id: _Optional[str] = ..., address: _Optional[str] = ..., predicted_cached_tokens: _Optional[int] = ..., queued_prefill_tokens: _Optional[int] = ..., running: _Optional[int] = ..., kv_usage: _Optional[float] = ..., estimated_ttft_s: _Optional[float] = ..., eligible: _Optional[bool] = ..., reason: _Optional[str] = ...) -> None: ...
+    replica_credit_s: float
+    def __init__(self, node_id: _Optional[str] = ..., address: _Optional[str] = ..., predicted_cached_tokens: _Optional[int] = ..., queued_prefill_tokens: _Optional[int] = ..., running: _Optional[int] = ..., kv_usage: _Optional[float] = ..., estimated_ttft_s: _Optional[float] = ..., eligible: _Optional[bool] = ..., reason: _Optional[str] = ..., replica_credit_s: _Optional[float] = ...) -> None: ...
 
 class ExplainRouteResponse(_message.Message):
     __slots__ = ("model", "prompt_tokens", "block_size", "picked_node_id", "candidates", "tokenize_us", "hash_us", "decide_us")

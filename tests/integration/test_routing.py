@@ -81,7 +81,10 @@ def test_route_explain_lists_every_candidate_with_cost_and_pick(cluster):
     assert {c["node_id"] for c in d["candidates"]} >= set(cluster.nodes)
     best = next(c for c in d["candidates"] if c["node_id"] == first.node_id)
     assert best["predicted_cached_tokens"] == (len((prefix + " two").encode()) - 1) // 16 * 16 or best["predicted_cached_tokens"] >= 896
-    assert all(c["estimated_ttft_s"] >= 0 for c in d["candidates"])
+    assert all(c["estimated_ttft_s"] >= 0 and c["replica_credit_s"] >= 0 for c in d["candidates"])
+    # the pick has the lowest estimate less its replica credit, the key kvfleet ranks by
+    key = {c["node_id"]: c["estimated_ttft_s"] - c["replica_credit_s"] for c in d["candidates"] if c["eligible"]}
+    assert key[d["picked"]] <= min(key.values())
 
 
 def test_nodes_list_json_shows_state_models_capacity_cache_and_load(cluster):
