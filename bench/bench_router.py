@@ -35,6 +35,7 @@ All hashes are canonical (``block_hashes`` of random token ids), so the routed p
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import gc
 import json
 import sys
@@ -46,7 +47,7 @@ from typing import Callable
 import numpy as np
 
 from kvfleet.controller.router.index import PrefixIndex
-from kvfleet.controller.router.policy import NodeTable, NodeView, RouteRequest, get_policy
+from kvfleet.controller.router.policy import NodeTable, NodeView, PrefixRates, RouteRequest, get_policy
 from kvfleet.controller.router.chain import block_hashes as chain_hashes
 from kvfleet.hashing import block_hashes
 
@@ -173,6 +174,13 @@ def time_route(fleet: Fleet, tokens: np.ndarray, iters: int) -> tuple[dict[str, 
     # As the router builds it: its arrival rate and its clock (0 here; the nodes' work_since_s are just before).
     req = RouteRequest(hashes, len(tokens), BLOCK_SIZE, max_tokens=256, arrival_rate=200.0, now_s=0.0)
     policy = get_policy("kvfleet")
+    # As under traffic: earlier requests shared this prompt's deepest cached block, so the
+    # decision also computes the replica credit of the nodes lacking it (its costlier case).
+    shared = PrefixRates()
+    key = policy.rank(req, fleet.table, fleet.index).prefix_key
+    for k in range(10):
+        shared.arrive(key, -0.01 * (10 - k))
+    req = dataclasses.replace(req, shared_rates=shared)
     slots = np.array([v.slot for v in fleet.views if v.routable])
     if (fleet.index.match(hashes, slots) != fleet.index._match_search(hashes, slots)).any():
         raise AssertionError("match and the per-node depth search disagree")
@@ -187,8 +195,11 @@ def time_route(fleet: Fleet, tokens: np.ndarray, iters: int) -> tuple[dict[str, 
     holders = int(np.count_nonzero(fleet.index.match(hashes[:1], slots)))
     best = ranked[0]
     pos, holder = next((i, c) for i, c in enumerate(ranked) if c.node_id == fleet.hot_node)
+    if ranked._ev.credit_s is None:
+        raise AssertionError("the timed decision did not compute the replica credit")
     return t, {"node_id": best.node_id, "cached_tokens": best.cached_tokens,
                          "cost_s": best.cost_s, "nodes_holding_block_0": holders,
+                         "shared_prefix_rate": shared.peek(key, 0.0),
                          "hot_node_rank": pos, "hot_node_cached_tokens": holder.cached_tokens,
                          "hot_node_cost_s": holder.cost_s}
 

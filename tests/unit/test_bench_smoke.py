@@ -89,3 +89,24 @@ def test_matrix_runs_a_small_cell_and_writes_json_markdown_and_the_doc_section(t
     assert "old" not in text and "| shared-prefix-n2-l0.8 | 32 |" in text and text.endswith("## Live mode\nkept\n")
     assert m.main(["--workloads", "shared-prefix", "--nodes", "2", "--loads", "0.8", "--resume",
                    "--out", str(tmp_path / "out")]) == []          # already written: nothing to run
+
+
+def test_seed_spread_pools_every_seed_of_every_policy():
+    import re
+    import subprocess
+
+    script = Path(__file__).resolve().parents[2] / "bench" / "seed_spread.py"
+    r = subprocess.run([sys.executable, str(script), "--workload", "chat", "--requests", "60", "--nodes", "2",
+                        "--load", "0.5", "--seeds", "2", "--policies", "kvfleet,sglang"],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    rows = {m.group(1): m for m in re.finditer(r"^  (\w+) +pooled mean +([\d.]+) p90 +([\d.]+) .*per seed mean/p90: (.*)$",
+                                                r.stdout, re.M)}
+    assert set(rows) == {"kvfleet", "sglang"}
+    assert all(len(m.group(4).split()) == 2 for m in rows.values())      # one figure per seed
+    ratio = re.search(r"kvfleet pooled / best other: mean ([\d.]+) \(sglang\)", r.stdout)
+    # the printed means are rounded to 0.1 ms, the ratio is of the unrounded ones
+    assert ratio and abs(float(ratio.group(1)) - float(rows["kvfleet"].group(2)) / float(rows["sglang"].group(2))) < 0.01
+    bad = subprocess.run([sys.executable, str(script), "--workload", "chat", "--seeds", "0"],
+                         capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2 and "--seeds" in bad.stderr
