@@ -526,24 +526,16 @@ def test_a_burst_on_one_prefix_gets_a_second_holder_early_at_any_traffic(rate):
     assert 10 <= burst_until_first_spill(rate, shared=True) <= 13
 
 
-def burst_without_credit(rate: float) -> int:
+@pytest.mark.parametrize("rate", [0.0, 100.0])
+def test_without_the_replica_credit_a_burst_spills_only_when_waiting_costs_more_than_recomputing(rate, monkeypatch):
     from kvfleet.controller.router import policy as pol
-    plain = pol.EstimatedTTFT.rank
 
-    def rank(self, request, nodes, index):
+    def rank_by_cost_alone(self, request, nodes, index):
         ev = pol.evaluate(request, nodes, index)
         return pol.ranked(ev, ev.cost_s, ev.cached_blocks)
 
-    pol.EstimatedTTFT.rank = rank
-    try:
-        return burst_until_first_spill(rate, shared=True)
-    finally:
-        pol.EstimatedTTFT.rank = plain
-
-
-@pytest.mark.parametrize("rate", [0.0, 100.0])
-def test_without_the_replica_credit_a_burst_spills_only_when_waiting_costs_more_than_recomputing(rate):
-    assert 64 <= burst_without_credit(rate) <= 70
+    monkeypatch.setattr(pol.EstimatedTTFT, "rank", rank_by_cost_alone)
+    assert 64 <= burst_until_first_spill(rate, shared=True) <= 70
 
 
 def popular_prefix_pick(shared_rate: float | None) -> str:
