@@ -1,14 +1,15 @@
-"""One cell of the routing matrix over several seeds of a generated workload.
+"""One cell of the routing matrix over several seeds.
 
 The matrix runs each cell once, on seed 0. On the generated workloads (``chat``,
-``shared-prefix``) a seed is a different sample of the same workload, and with 2,000
+``shared-prefix``) a seed is a different sample of the same workload; on ``azure`` the
+arrivals and lengths are the trace's and the seed draws the synthesised prefixes. With 2,000
 requests on 8 nodes the tail moves between seeds by more than the targets' 2 %. This
 runs the cell on seeds 0 .. N-1 and prints, per policy, each seed's TTFT mean and p90, and
 the mean, p90 and p99 of all the seeds' requests pooled; then kvfleet's pooled figures
 over the best other policy's (each figure's best separately, as the matrix does).
 
-    .venv/bin/python bench/seed_spread.py --workload chat --nodes 8 --load 0.8 --seeds 6 \\
-        [--policies kvfleet,sglang,llmd,preble] [--requests N]
+    .venv/bin/python bench/seed_spread.py --workload chat|shared-prefix|azure --nodes 8 --load 0.8 \\
+        [--seeds 6] [--policies kvfleet,sglang,llmd,preble] [--requests N] [--traces DIR]
 
 Runs take about 6 s per policy and seed for chat at 8 nodes on one core.
 """
@@ -18,6 +19,7 @@ from __future__ import annotations
 import argparse
 import math
 import time
+from pathlib import Path
 
 import numpy as np
 
@@ -29,13 +31,16 @@ from kvfleet.controller.sim.workloads import load_workload
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--workload", choices=("chat", "shared-prefix"), required=True)
+    ap.add_argument("--workload", choices=("chat", "shared-prefix", "azure"), required=True)
     ap.add_argument("--nodes", type=int, default=8)
     ap.add_argument("--load", type=float, default=0.8)
     ap.add_argument("--seeds", type=int, default=6, help="Seeds 0 .. N-1.")
     ap.add_argument("--policies", default="kvfleet,sglang,llmd,preble",
                     help="Comma-separated; kvfleet first is compared with the rest.")
-    ap.add_argument("--requests", type=int, default=None)
+    ap.add_argument("--requests", type=int, default=None,
+                    help="Requests per seed (default: the matrix's, 2,000 for chat and azure, all 1,024 of shared-prefix).")
+    ap.add_argument("--traces", type=Path, default=Path(__file__).resolve().parents[2] / "shared" / "traces",
+                    help="The shared traces directory (azure).")
     ap.add_argument("--preset", default="h100-llama3-8b")
     a = ap.parse_args()
     if a.seeds < 1 or a.nodes < 1 or not a.load > 0:
@@ -46,7 +51,11 @@ def main() -> None:
     hits = {p: [0, 0] for p in policies}
     t0 = time.perf_counter()
     for seed in range(a.seeds):
-        wl = load_workload(trace=None, fmt="mooncake", workload=a.workload, requests=a.requests, seed=seed)
+        if a.workload == "azure":
+            wl = load_workload(trace=str(a.traces / "azure-llm-2023" / "AzureLLMInferenceTrace_conv.csv"), fmt="azure",
+                               requests=a.requests or 2000, seed=seed)
+        else:
+            wl = load_workload(workload=a.workload, requests=a.requests, seed=seed)
         scale = capacity_scale(trace_stats(wl, config, a.nodes), a.nodes, a.load)
         for p in policies:
             res = simulate(wl, p, config, a.nodes, time_scale=scale)
