@@ -27,6 +27,7 @@ import kvfleet.controller.sim.baselines  # noqa: F401  (registers the baselines)
 from kvfleet.controller.sim.des import capacity_scale, simulate, trace_stats
 from kvfleet.controller.sim.presets import preset_config
 from kvfleet.controller.sim.workloads import load_workload
+from routing_matrix import REQUESTS, TRACES, workload_args  # bench/, beside this script
 
 
 def main() -> None:
@@ -39,7 +40,7 @@ def main() -> None:
                     help="Comma-separated; kvfleet first is compared with the rest.")
     ap.add_argument("--requests", type=int, default=None,
                     help="Requests per seed (default: the matrix's, 2,000 for chat and azure, all 1,024 of shared-prefix).")
-    ap.add_argument("--traces", type=Path, default=Path(__file__).resolve().parents[2] / "shared" / "traces",
+    ap.add_argument("--traces", type=Path, default=TRACES,
                     help="The shared traces directory (azure).")
     ap.add_argument("--preset", default="h100-llama3-8b")
     a = ap.parse_args()
@@ -51,11 +52,8 @@ def main() -> None:
     hits = {p: [0, 0] for p in policies}
     t0 = time.perf_counter()
     for seed in range(a.seeds):
-        if a.workload == "azure":
-            wl = load_workload(trace=str(a.traces / "azure-llm-2023" / "AzureLLMInferenceTrace_conv.csv"), fmt="azure",
-                               requests=a.requests or 2000, seed=seed)
-        else:
-            wl = load_workload(workload=a.workload, requests=a.requests, seed=seed)
+        requests = a.requests if a.requests is not None else REQUESTS[a.workload]
+        wl = load_workload(**workload_args(a.workload, requests, a.traces), seed=seed)
         scale = capacity_scale(trace_stats(wl, config, a.nodes), a.nodes, a.load)
         for p in policies:
             res = simulate(wl, p, config, a.nodes, time_scale=scale)
